@@ -1,0 +1,158 @@
+//! Retention and table hygiene: `notifyd cleanup`, and the worker's periodic loop.
+//!
+//! Every delete is bounded (`batch` rows per statement, repeated until a statement
+//! deletes fewer), uses `SKIP LOCKED` so replicas running it at once do not wait on each
+//! other, and never holds a long lock on a hot table.
+//!
+//! What goes, and when:
+//! * queue rows of finished jobs (`Done`): at every pass, so `apalis.jobs` holds only live
+//!   work and its dead tuples stay bounded;
+//! * queue rows of failed jobs (`Killed`, or `Failed` with attempts exhausted): after the
+//!   retention window, so operators can inspect them until then;
+//! * notifications and processed events older than the retention window (7 days by
+//!   default); an event that never got an outcome is kept twice as long, for inspection;
+//! * `apalis.workers` rows of workers silent for a day that hold no job.
+
+use std::time::Duration;
+
+use sqlx::PgPool;
+use sqlx::postgres::types::PgInterval;
+
+use crate::claim::QUEUE;
+
+/// What a pass deletes.
+#[derive(Debug, Clone, Copy)]
+pub struct Retention {
+    /// Notifications, events and failed jobs older than this are deleted.
+    pub keep: Duration,
+    /// Rows deleted per statement.
+    pub batch: i64,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Self {
+            keep: Duration::from_secs(7 * 24 * 3600),
+            batch: 5000,
+        }
+    }
+}
+
+/// Rows deleted by one pass.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Report {
+    pub done_jobs: u64,
+    pub failed_jobs: u64,
+    pub notifications: u64,
+    pub events: u64,
+    pub workers: u64,
+}
+
+fn interval(d: Duration) -> PgInterval {
+    PgInterval {
+        months: 0,
+        days: 0,
+        microseconds: i64::try_from(d.as_micros()).unwrap_or(i64::MAX),
+    }
+}
+
+/// Delete finished queue rows only: cheap, run every few seconds.
+pub async fn purge_done_jobs(pool: &PgPool, batch: i64) -> Result<u64, sqlx::Error> {
+    repeat(batch, || {
+        sqlx::query(
+            "WITH doomed AS (
+                 SELECT id FROM apalis.jobs
+                 WHERE job_type = $1 AND status = 'Done'
+                 LIMIT $2 FOR UPDATE SKIP LOCKED)
+             DELETE FROM apalis.jobs AS j USING doomed WHERE j.id = doomed.id",
+        )
+        .bind(QUEUE)
+        .bind(batch)
+        .execute(pool)
+    })
+    .await
+}
+
+/// One full pass.
+pub async fn run_once(pool: &PgPool, retention: Retention) -> Result<Report, sqlx::Error> {
+    let keep = interval(retention.keep);
+    let batch = retention.batch;
+    let done_jobs = purge_done_jobs(pool, batch).await?;
+    let failed_jobs = repeat(batch, || {
+        sqlx::query(
+            "WITH doomed AS (
+                 SELECT id FROM apalis.jobs
+                 WHERE job_type = $1
+                   AND (status = 'Killed' OR (status = 'Failed' AND attempts >= max_attempts))
+                   AND done_at < now() - $2::interval
+                 LIMIT $3 FOR UPDATE SKIP LOCKED)
+             DELETE FROM apalis.jobs AS j USING doomed WHERE j.id = doomed.id",
+        )
+        .bind(QUEUE)
+        .bind(keep)
+        .bind(batch)
+        .execute(pool)
+    })
+    .await?;
+    let notifications = repeat(batch, || {
+        sqlx::query(
+            "WITH doomed AS (
+                 SELECT user_id, id FROM notify.notifications
+                 WHERE created_at < now() - $1::interval
+                 LIMIT $2 FOR UPDATE SKIP LOCKED)
+             DELETE FROM notify.notifications AS n USING doomed
+             WHERE n.user_id = doomed.user_id AND n.id = doomed.id",
+        )
+        .bind(keep)
+        .bind(batch)
+        .execute(pool)
+    })
+    .await?;
+    let events = repeat(batch, || {
+        sqlx::query(
+            "WITH doomed AS (
+                 SELECT id FROM notify.events
+                 WHERE (outcome IS NOT NULL AND created_at < now() - $1::interval)
+                    OR created_at < now() - 2 * $1::interval
+                 LIMIT $2 FOR UPDATE SKIP LOCKED)
+             DELETE FROM notify.events AS e USING doomed WHERE e.id = doomed.id",
+        )
+        .bind(keep)
+        .bind(batch)
+        .execute(pool)
+    })
+    .await?;
+    let workers = sqlx::query(
+        "DELETE FROM apalis.workers AS w
+         WHERE w.worker_type = $1
+           AND w.last_seen < now() - interval '1 day'
+           AND NOT EXISTS (SELECT 1 FROM apalis.jobs AS j WHERE j.lock_by = w.id)",
+    )
+    .bind(QUEUE)
+    .execute(pool)
+    .await?
+    .rows_affected();
+    Ok(Report {
+        done_jobs,
+        failed_jobs,
+        notifications,
+        events,
+        workers,
+    })
+}
+
+/// Run a bounded delete until it deletes less than a full batch.
+async fn repeat<F, Fut>(batch: i64, mut statement: F) -> Result<u64, sqlx::Error>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<sqlx::postgres::PgQueryResult, sqlx::Error>>,
+{
+    let mut total = 0;
+    loop {
+        let n = statement().await?.rows_affected();
+        total += n;
+        if n < batch as u64 {
+            return Ok(total);
+        }
+    }
+}

@@ -1,0 +1,217 @@
+//! Command line and environment: one `notifyd` binary with subcommands.
+//!
+//! Every setting is a flag with an environment fallback (`.env.example` lists them all).
+//! clap rejects a bad value at startup with a message that names the flag and the
+//! variable; settings that depend on each other are checked by the command that uses them.
+
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::batch::BatchSettings;
+use crate::claim::ClaimSettings;
+use crate::cleanup::Retention;
+use crate::store::RateLimit;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "notifyd",
+    version,
+    about = "Notification worker and read service on Postgres"
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Args)]
+pub struct GlobalArgs {
+    /// Postgres connection URL, e.g. postgres://user:pass@host:5432/db.
+    #[arg(long, env = "DATABASE_URL", global = true, hide_env_values = true)]
+    pub database_url: Option<String>,
+
+    /// Log format: human-readable lines, or one JSON object per line. The level filter is
+    /// RUST_LOG (default "info").
+    #[arg(long, env = "NOTIFYD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Human, global = true)]
+    pub log_format: LogFormat,
+}
+
+impl GlobalArgs {
+    /// The database URL, or an error that says how to set it.
+    pub fn database_url(&self) -> anyhow::Result<&str> {
+        self.database_url
+            .as_deref()
+            .filter(|u| !u.trim().is_empty())
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "DATABASE_URL is not set: set the environment variable or pass --database-url"
+                )
+            })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create or upgrade the database schema (apalis's and notifyd's). Idempotent.
+    Migrate,
+    /// Claim queued events and turn them into notifications.
+    Worker(WorkerArgs),
+    /// Serve the read-only notifications API.
+    Serve(crate::serve::ServeArgs),
+    /// Delete expired notifications, events and finished queue rows once, then exit.
+    Cleanup(CleanupArgs),
+    /// Print a signed JWT for a user (development and demos; needs NOTIFYD_JWT_SECRET).
+    Token(crate::serve::TokenArgs),
+    /// Measure drain throughput and enqueue-to-stored latency against DATABASE_URL.
+    Bench(crate::bench::BenchArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct WorkerArgs {
+    /// Jobs in flight at once; they wait in the batcher for their group commit.
+    #[arg(long, env = "NOTIFYD_CONCURRENCY", default_value_t = 1000,
+          value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub concurrency: u32,
+
+    /// Jobs claimed per queue fetch.
+    #[arg(long, env = "NOTIFYD_FETCH_BATCH", default_value_t = 500,
+          value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub fetch_batch: u32,
+
+    /// Most events stored in one transaction.
+    #[arg(long, env = "NOTIFYD_STORE_BATCH", default_value_t = 500,
+          value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub store_batch: u32,
+
+    /// Store transactions running at once.
+    #[arg(long, env = "NOTIFYD_STORE_FLUSHERS", default_value_t = 2,
+          value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub store_flushers: u32,
+
+    /// Milliseconds a batch waits for more jobs after its first one arrived.
+    #[arg(long, env = "NOTIFYD_BATCH_LINGER_MS", default_value_t = 2,
+          value_parser = clap::value_parser!(u64).range(0..=1000))]
+    pub batch_linger_ms: u64,
+
+    /// Milliseconds between polls when no LISTEN/NOTIFY wake-up arrives (delayed events).
+    #[arg(long, env = "NOTIFYD_POLL_INTERVAL_MS", default_value_t = 500,
+          value_parser = clap::value_parser!(u64).range(10..=60_000))]
+    pub poll_interval_ms: u64,
+
+    /// Seconds between worker heartbeats.
+    #[arg(long, env = "NOTIFYD_HEARTBEAT_SECS", default_value_t = 5,
+          value_parser = clap::value_parser!(u64).range(1..=300))]
+    pub heartbeat_secs: u64,
+
+    /// Heartbeats a worker may miss before its jobs are rescued by others
+    /// (rescue time = heartbeat × this).
+    #[arg(long, env = "NOTIFYD_MISSED_HEARTBEATS", default_value_t = 4,
+          value_parser = clap::value_parser!(u64).range(2..=100))]
+    pub missed_heartbeats: u64,
+
+    /// Most notifications per user in any rolling window.
+    #[arg(long, env = "NOTIFYD_RATE_LIMIT", default_value_t = 100,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub rate_limit: u32,
+
+    /// Length of the rate-limit window in seconds.
+    #[arg(long, env = "NOTIFYD_RATE_WINDOW_SECS", default_value_t = 3600,
+          value_parser = clap::value_parser!(u64).range(1..=604_800))]
+    pub rate_window_secs: u64,
+
+    #[command(flatten)]
+    pub retention: RetentionArgs,
+
+    /// Seconds between cleanup passes in the worker (0 turns the loop off).
+    #[arg(long, env = "NOTIFYD_CLEANUP_INTERVAL_SECS", default_value_t = 5,
+          value_parser = clap::value_parser!(u64).range(0..=86_400))]
+    pub cleanup_interval_secs: u64,
+
+    /// Database connections in the worker's pool.
+    #[arg(long, env = "NOTIFYD_DB_POOL", default_value_t = 10,
+          value_parser = clap::value_parser!(u32).range(2..=500))]
+    pub db_pool: u32,
+
+    /// Seconds to finish in-flight jobs after SIGTERM before exiting anyway (unfinished
+    /// jobs are then rescued by other replicas).
+    #[arg(long, env = "NOTIFYD_SHUTDOWN_TIMEOUT_SECS", default_value_t = 10,
+          value_parser = clap::value_parser!(u64).range(1..=300))]
+    pub shutdown_timeout_secs: u64,
+
+    /// Worker name prefix in apalis.workers (default: host name and process id).
+    #[arg(long, env = "NOTIFYD_WORKER_NAME")]
+    pub worker_name: Option<String>,
+}
+
+impl WorkerArgs {
+    pub fn rate_limit(&self) -> RateLimit {
+        RateLimit {
+            limit: self.rate_limit,
+            window: Duration::from_secs(self.rate_window_secs),
+        }
+    }
+
+    pub fn batch(&self) -> BatchSettings {
+        BatchSettings {
+            max_batch: self.store_batch as usize,
+            linger: Duration::from_millis(self.batch_linger_ms),
+            flushers: self.store_flushers as usize,
+        }
+    }
+
+    pub fn claim(&self) -> ClaimSettings {
+        let name = self.worker_name.clone().unwrap_or_else(|| {
+            let host = std::env::var("HOSTNAME")
+                .ok()
+                .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+                .map(|h| h.trim().to_owned())
+                .filter(|h| !h.is_empty())
+                .unwrap_or_else(|| "host".into());
+            format!("{host}-{}-{:04x}", std::process::id(), fastrand::u16(..))
+        });
+        ClaimSettings {
+            concurrency: self.concurrency as usize,
+            fetch_batch: self.fetch_batch as usize,
+            poll_interval: Duration::from_millis(self.poll_interval_ms),
+            heartbeat: Duration::from_secs(self.heartbeat_secs),
+            missed_heartbeats: self.missed_heartbeats as usize,
+            name,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RetentionArgs {
+    /// Days to keep notifications, processed events and failed jobs.
+    #[arg(long, env = "NOTIFYD_RETENTION_DAYS", default_value_t = 7,
+          value_parser = clap::value_parser!(u32).range(1..=3650))]
+    pub retention_days: u32,
+
+    /// Rows deleted per statement by cleanup.
+    #[arg(long, env = "NOTIFYD_CLEANUP_BATCH", default_value_t = 5000,
+          value_parser = clap::value_parser!(i64).range(1..=1_000_000))]
+    pub cleanup_batch: i64,
+}
+
+impl RetentionArgs {
+    pub fn retention(&self) -> Retention {
+        Retention {
+            keep: Duration::from_secs(u64::from(self.retention_days) * 24 * 3600),
+            batch: self.cleanup_batch,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct CleanupArgs {
+    #[command(flatten)]
+    pub retention: RetentionArgs,
+}

@@ -1,0 +1,67 @@
+//! Database connections and migrations.
+//!
+//! `notifyd migrate` runs apalis-postgres's migrations first (schema `apalis`, history in
+//! `apalis._sqlx_migrations`), then ours (schema `notify`, history in
+//! `notify._sqlx_migrations`), because ours add a trigger and a constraint on
+//! `apalis.jobs`. Both are idempotent and take sqlx's migration lock, so running them on
+//! every deploy (the Procfile's `release` step) is safe. Workers and the read service
+//! never migrate; they check at startup that the schema is there and say so if not.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use anyhow::Context;
+use sqlx::PgPool;
+use sqlx::migrate::Migrator;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+
+/// Our migrations, from `migrations/`, with their own history table.
+pub fn migrator() -> Migrator {
+    let mut m = sqlx::migrate!("./migrations");
+    m.dangerous_set_table_name("notify._sqlx_migrations");
+    m.create_schema("notify");
+    m
+}
+
+/// Open a pool. `max` connections at most; each connection names the application so that
+/// `pg_stat_activity` shows who is who.
+pub async fn connect(url: &str, max: u32, app: &str) -> anyhow::Result<PgPool> {
+    let options = PgConnectOptions::from_str(url)
+        .context("DATABASE_URL is not a valid postgres:// URL")?
+        .application_name(app);
+    PgPoolOptions::new()
+        .max_connections(max)
+        .min_connections(0)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect_with(options)
+        .await
+        .context("cannot connect to the database at DATABASE_URL")
+}
+
+/// Run apalis's migrations, then ours.
+pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
+    apalis_postgres::PostgresStorage::setup(pool)
+        .await
+        .context("apalis-postgres migrations failed")?;
+    migrator()
+        .run(pool)
+        .await
+        .context("notifyd migrations failed")?;
+    Ok(())
+}
+
+/// Fail with a clear message when `notifyd migrate` has not been run.
+pub async fn check_schema(pool: &PgPool) -> anyhow::Result<()> {
+    let ready: bool = sqlx::query_scalar(
+        "SELECT to_regclass('notify.notifications') IS NOT NULL
+            AND to_regclass('apalis.jobs') IS NOT NULL",
+    )
+    .fetch_one(pool)
+    .await
+    .context("cannot query the database")?;
+    anyhow::ensure!(
+        ready,
+        "the database has no notifyd schema yet: run `notifyd migrate` first"
+    );
+    Ok(())
+}

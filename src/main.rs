@@ -1,0 +1,51 @@
+use clap::Parser;
+
+use notifyd::config::{Cli, Command};
+use notifyd::{bench, cleanup, db, serve, shutdown, telemetry, worker};
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    telemetry::init(cli.global.log_format);
+    match run(cli).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("notifyd: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Migrate => {
+            let pool = db::connect(cli.global.database_url()?, 2, "notifyd-migrate").await?;
+            db::migrate(&pool).await?;
+            tracing::info!("migrations applied");
+            Ok(())
+        }
+        Command::Worker(args) => {
+            worker::run(cli.global.database_url()?, args, shutdown::on_signal()).await
+        }
+        Command::Serve(args) => {
+            serve::run(cli.global.database_url()?, args, shutdown::on_signal()).await
+        }
+        Command::Cleanup(args) => {
+            let pool = db::connect(cli.global.database_url()?, 2, "notifyd-cleanup").await?;
+            db::check_schema(&pool).await?;
+            let report = cleanup::run_once(&pool, args.retention.retention()).await?;
+            println!(
+                "deleted: {} finished jobs, {} failed jobs, {} notifications, {} events, {} stale workers",
+                report.done_jobs,
+                report.failed_jobs,
+                report.notifications,
+                report.events,
+                report.workers
+            );
+            Ok(())
+        }
+        Command::Token(args) => serve::print_token(args),
+        Command::Bench(args) => bench::run(cli.global.database_url()?, args).await,
+    }
+}

@@ -1,0 +1,246 @@
+//! Preferences, rate limit and store: every SQL statement of the pipeline, applied to a
+//! whole batch of events in one transaction (group commit).
+//!
+//! The transaction does, in order:
+//! 1. take a per-user advisory lock for every user in the batch, in ascending key order
+//!    (so two replicas can never deadlock on each other);
+//! 2. in one set-based statement:
+//!    * skip events that already have an outcome (a job that ran twice: "duplicate");
+//!    * **preferences**: an event whose `(user_id, event_type)` switch is off is `opted_out`
+//!      (a missing row means on);
+//!    * **rate limit**: per user, count notifications stamped within the window (looking at
+//!      the newest `limit` rows only) and admit events in event-id order while the count
+//!      stays at or below `limit`; the rest are `rate_limited`;
+//!    * **store**: insert the admitted notifications (`ON CONFLICT (event_id) DO NOTHING`);
+//!    * record every outcome on its `notify.events` row.
+//!
+//! Invariants this gives, even with many replicas racing and jobs running twice:
+//! * one notification per event (unique `event_id`, and the outcome check under the lock);
+//! * in any window of `window` length, a user has at most `limit` notifications. The
+//!   stamp is `statement_timestamp()` of the statement that runs after the user's lock is
+//!   held, so per user, stamps grow in lock order, and each insert counts everything stamped
+//!   after its own stamp minus the window;
+//! * per user, notification ids grow in commit order (ids are drawn under the lock), so a
+//!   reader paging with `id > cursor` never skips a row.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sqlx::{PgPool, Postgres, Transaction};
+
+use crate::validate::EventRow;
+
+/// The advisory lock class for per-user locks: "notf" in ASCII, to keep clear of other
+/// users of two-key advisory locks in the same database.
+const USER_LOCK_CLASS: i32 = 0x6e6f_7466;
+
+/// The per-user limit: at most `limit` notifications in any rolling `window`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimit {
+    pub limit: u32,
+    pub window: Duration,
+}
+
+impl Default for RateLimit {
+    fn default() -> Self {
+        Self {
+            limit: 100,
+            window: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// One event of a batch, ready for the store transaction.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    pub event_id: i64,
+    pub user_id: String,
+    pub event_type: String,
+    /// Sanitized body and link for a valid event; `None` when `invalid` is set.
+    pub body: Option<String>,
+    pub link: Option<String>,
+    /// Why the event is invalid, if it is.
+    pub invalid: Option<String>,
+}
+
+/// What the store transaction decided for one event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    pub event_id: i64,
+    pub outcome: String,
+    pub notification_id: Option<i64>,
+}
+
+/// Load the events named by a batch of jobs. Missing ids are simply absent.
+pub async fn fetch_events(pool: &PgPool, ids: &[i64]) -> Result<Vec<EventRow>, sqlx::Error> {
+    sqlx::query_as::<_, EventRow>(
+        "SELECT id, user_id, event_type, body, link, outcome
+         FROM notify.events WHERE id = ANY($1)",
+    )
+    .bind(ids)
+    .fetch_all(pool)
+    .await
+}
+
+/// Apply a batch in one transaction. Events that already had an outcome are not in the
+/// result (they are duplicates of an earlier run). `now` is for tests; `None` means the
+/// database clock.
+pub async fn apply_batch(
+    pool: &PgPool,
+    batch: &[Prepared],
+    rate: RateLimit,
+    now: Option<DateTime<Utc>>,
+) -> Result<Vec<Decision>, sqlx::Error> {
+    if batch.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut tx = pool.begin().await?;
+    lock_users(&mut tx, batch.iter().map(|p| p.user_id.as_str())).await?;
+    let decisions = decide_and_store(&mut tx, batch, rate, now).await?;
+    tx.commit().await?;
+    Ok(decisions)
+}
+
+async fn lock_users<'a>(
+    tx: &mut Transaction<'_, Postgres>,
+    users: impl Iterator<Item = &'a str>,
+) -> Result<(), sqlx::Error> {
+    let mut users: Vec<&str> = users.collect();
+    users.sort_unstable();
+    users.dedup();
+    // Volatile functions in the select list run after ORDER BY, so the locks are taken
+    // in key order.
+    sqlx::query(
+        "SELECT pg_advisory_xact_lock($1, k)
+         FROM (SELECT DISTINCT hashtext(u) AS k FROM unnest($2::text[]) AS u) AS keys
+         ORDER BY k",
+    )
+    .bind(USER_LOCK_CLASS)
+    .bind(&users)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+const DECIDE_AND_STORE: &str = r#"
+WITH input AS (
+    SELECT *
+    FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[])
+         AS i(event_id, user_id, event_type, body, link, invalid_reason)
+),
+clock AS (
+    SELECT COALESCE($7::timestamptz, statement_timestamp()) AS now
+),
+pending AS (
+    SELECT i.*
+    FROM input AS i
+    JOIN notify.events AS e ON e.id = i.event_id
+    WHERE e.outcome IS NULL
+),
+decided AS (
+    SELECT p.*,
+           CASE
+               WHEN p.invalid_reason IS NOT NULL THEN 'invalid'
+               WHEN pref.enabled IS FALSE THEN 'opted_out'
+           END AS early_outcome
+    FROM pending AS p
+    LEFT JOIN notify.preferences AS pref
+           ON pref.user_id = p.user_id AND pref.event_type = p.event_type
+),
+candidates AS (
+    SELECT d.*, row_number() OVER (PARTITION BY d.user_id ORDER BY d.event_id) AS rank
+    FROM decided AS d
+    WHERE d.early_outcome IS NULL
+),
+usage AS (
+    SELECT u.user_id,
+           (SELECT count(*)
+            FROM (SELECT n.created_at
+                  FROM notify.notifications AS n
+                  WHERE n.user_id = u.user_id
+                  ORDER BY n.id DESC
+                  LIMIT $8) AS recent, clock
+            WHERE recent.created_at > clock.now - $9::interval) AS used
+    FROM (SELECT DISTINCT user_id FROM candidates) AS u
+),
+admitted AS (
+    SELECT c.*
+    FROM candidates AS c
+    JOIN usage AS u ON u.user_id = c.user_id
+    WHERE u.used + c.rank <= $8
+),
+inserted AS (
+    INSERT INTO notify.notifications (user_id, event_id, event_type, body, link, created_at)
+    SELECT a.user_id, a.event_id, a.event_type, a.body, a.link, clock.now
+    FROM admitted AS a, clock
+    ORDER BY a.user_id, a.event_id
+    ON CONFLICT (event_id) DO NOTHING
+    RETURNING event_id, id
+),
+outcomes AS (
+    SELECT d.event_id,
+           CASE
+               WHEN d.early_outcome IS NOT NULL THEN d.early_outcome
+               WHEN a.event_id IS NOT NULL THEN 'stored'
+               ELSE 'rate_limited'
+           END AS outcome,
+           d.invalid_reason AS reason,
+           ins.id AS notification_id
+    FROM decided AS d
+    LEFT JOIN admitted AS a ON a.event_id = d.event_id
+    LEFT JOIN inserted AS ins ON ins.event_id = d.event_id
+)
+UPDATE notify.events AS e
+SET outcome = o.outcome, outcome_reason = o.reason, processed_at = clock.now
+FROM outcomes AS o, clock
+WHERE e.id = o.event_id
+RETURNING e.id, e.outcome, o.notification_id
+"#;
+
+async fn decide_and_store(
+    tx: &mut Transaction<'_, Postgres>,
+    batch: &[Prepared],
+    rate: RateLimit,
+    now: Option<DateTime<Utc>>,
+) -> Result<Vec<Decision>, sqlx::Error> {
+    let n = batch.len();
+    let mut ids = Vec::with_capacity(n);
+    let mut users = Vec::with_capacity(n);
+    let mut types = Vec::with_capacity(n);
+    let mut bodies = Vec::with_capacity(n);
+    let mut links = Vec::with_capacity(n);
+    let mut invalid = Vec::with_capacity(n);
+    for p in batch {
+        ids.push(p.event_id);
+        users.push(p.user_id.as_str());
+        types.push(p.event_type.as_str());
+        bodies.push(p.body.as_deref());
+        links.push(p.link.as_deref());
+        invalid.push(p.invalid.as_deref());
+    }
+    let window = sqlx::postgres::types::PgInterval {
+        months: 0,
+        days: 0,
+        microseconds: i64::try_from(rate.window.as_micros()).unwrap_or(i64::MAX),
+    };
+    let rows: Vec<(i64, String, Option<i64>)> = sqlx::query_as(DECIDE_AND_STORE)
+        .bind(&ids)
+        .bind(&users)
+        .bind(&types)
+        .bind(&bodies)
+        .bind(&links)
+        .bind(&invalid)
+        .bind(now)
+        .bind(i64::from(rate.limit))
+        .bind(window)
+        .fetch_all(&mut **tx)
+        .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(event_id, outcome, notification_id)| Decision {
+            event_id,
+            outcome,
+            notification_id,
+        })
+        .collect())
+}
