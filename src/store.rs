@@ -67,6 +67,7 @@ pub struct Prepared {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Decision {
     pub event_id: i64,
+    pub user_id: String,
     pub outcome: String,
     pub notification_id: Option<i64>,
 }
@@ -97,6 +98,7 @@ pub async fn apply_batch(
     let mut tx = pool.begin().await?;
     lock_users(&mut tx, batch.iter().map(|p| p.user_id.as_str())).await?;
     let decisions = decide_and_store(&mut tx, batch, rate, now).await?;
+    announce(&mut tx, &decisions).await?;
     tx.commit().await?;
     Ok(decisions)
 }
@@ -119,6 +121,50 @@ async fn lock_users<'a>(
     .bind(&users)
     .execute(&mut **tx)
     .await?;
+    Ok(())
+}
+
+/// The channel on which a committed batch announces new notifications, for the read
+/// service's in-memory watermarks. Each payload is a JSON array of `[user_id, max_id]`
+/// pairs, at most [`ANNOUNCE_MAX_BYTES`] long; a batch sends as many payloads as it needs.
+/// NOTIFY is transactional: listeners hear it only if the batch commits.
+pub const ANNOUNCE_CHANNEL: &str = "notifyd_notifications";
+/// Postgres refuses NOTIFY payloads of 8000 bytes or more.
+pub const ANNOUNCE_MAX_BYTES: usize = 7000;
+
+async fn announce(
+    tx: &mut Transaction<'_, Postgres>,
+    decisions: &[Decision],
+) -> Result<(), sqlx::Error> {
+    let mut newest: std::collections::BTreeMap<&str, i64> = Default::default();
+    for d in decisions {
+        if let Some(id) = d.notification_id {
+            let max = newest.entry(d.user_id.as_str()).or_insert(id);
+            *max = (*max).max(id);
+        }
+    }
+    if newest.is_empty() {
+        return Ok(());
+    }
+    let mut payloads = Vec::new();
+    let mut current: Vec<(&str, i64)> = Vec::new();
+    let mut size = 2;
+    for (user, id) in newest {
+        let entry = user.len() * 2 + 30; // worst case: every byte escaped, plus the id
+        if size + entry > ANNOUNCE_MAX_BYTES && !current.is_empty() {
+            payloads.push(serde_json::to_string(&current).unwrap_or_default());
+            current.clear();
+            size = 2;
+        }
+        current.push((user, id));
+        size += entry;
+    }
+    payloads.push(serde_json::to_string(&current).unwrap_or_default());
+    sqlx::query("SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p")
+        .bind(ANNOUNCE_CHANNEL)
+        .bind(&payloads)
+        .execute(&mut **tx)
+        .await?;
     Ok(())
 }
 
@@ -194,7 +240,7 @@ UPDATE notify.events AS e
 SET outcome = o.outcome, outcome_reason = o.reason, processed_at = clock.now
 FROM outcomes AS o, clock
 WHERE e.id = o.event_id
-RETURNING e.id, e.outcome, o.notification_id
+RETURNING e.id, e.user_id, e.outcome, o.notification_id
 "#;
 
 async fn decide_and_store(
@@ -223,7 +269,7 @@ async fn decide_and_store(
         days: 0,
         microseconds: i64::try_from(rate.window.as_micros()).unwrap_or(i64::MAX),
     };
-    let rows: Vec<(i64, String, Option<i64>)> = sqlx::query_as(DECIDE_AND_STORE)
+    let rows: Vec<(i64, String, String, Option<i64>)> = sqlx::query_as(DECIDE_AND_STORE)
         .bind(&ids)
         .bind(&users)
         .bind(&types)
@@ -237,8 +283,9 @@ async fn decide_and_store(
         .await?;
     Ok(rows
         .into_iter()
-        .map(|(event_id, outcome, notification_id)| Decision {
+        .map(|(event_id, user_id, outcome, notification_id)| Decision {
             event_id,
+            user_id,
             outcome,
             notification_id,
         })

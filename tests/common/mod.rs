@@ -1,0 +1,221 @@
+//! Test harness: a fresh, migrated database per test, cloned from a template that is
+//! migrated once per migration set, so tests run in parallel and in any order.
+//!
+//! The server comes from `NOTIFYD_TEST_DATABASE_URL` or `DATABASE_URL` (any database on
+//! it; the role needs CREATEDB). `scripts/test.sh` sets it up.
+
+#![allow(dead_code)]
+
+use std::hash::{Hash, Hasher};
+use std::time::Duration;
+
+use sqlx::postgres::PgPoolOptions;
+use sqlx::{Connection, PgConnection, PgPool};
+
+use notifyd::pipeline::{Outcome, Pipeline};
+use notifyd::store::RateLimit;
+use notifyd::validate::RawJob;
+
+pub fn server_url() -> String {
+    std::env::var("NOTIFYD_TEST_DATABASE_URL")
+        .or_else(|_| std::env::var("DATABASE_URL"))
+        .expect("set NOTIFYD_TEST_DATABASE_URL or DATABASE_URL (scripts/test.sh does)")
+}
+
+/// The same server, another database.
+pub fn url_for(db: &str) -> String {
+    let mut url = url::Url::parse(&server_url()).expect("database URL parses");
+    url.set_path(&format!("/{db}"));
+    url.to_string()
+}
+
+fn template_name() -> String {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    for m in notifyd::db::migrator().iter() {
+        m.version.hash(&mut h);
+        m.checksum.hash(&mut h);
+    }
+    format!("notifyd_tpl_{:016x}", h.finish())
+}
+
+async fn admin() -> PgConnection {
+    PgConnection::connect(&server_url())
+        .await
+        .expect("connect to the test server")
+}
+
+async fn ensure_template(admin: &mut PgConnection, name: &str) {
+    // Serialise template creation across parallel test processes.
+    sqlx::query("SELECT pg_advisory_lock(7301)")
+        .execute(&mut *admin)
+        .await
+        .unwrap();
+    let exists: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+            .bind(name)
+            .fetch_one(&mut *admin)
+            .await
+            .unwrap();
+    if !exists {
+        let building = format!("{name}_building");
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS {building} WITH (FORCE)"
+        )))
+        .execute(&mut *admin)
+        .await
+        .unwrap();
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {building}")))
+            .execute(&mut *admin)
+            .await
+            .unwrap();
+        let pool = PgPool::connect(&url_for(&building)).await.unwrap();
+        notifyd::db::migrate(&pool).await.expect("migrations apply");
+        pool.close().await;
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "ALTER DATABASE {building} RENAME TO {name}"
+        )))
+        .execute(&mut *admin)
+        .await
+        .unwrap();
+    }
+    sqlx::query("SELECT pg_advisory_unlock(7301)")
+        .execute(&mut *admin)
+        .await
+        .unwrap();
+}
+
+/// A fresh migrated database, dropped when the value is dropped.
+pub struct TestDb {
+    pub name: String,
+    pub url: String,
+    pub pool: PgPool,
+}
+
+impl TestDb {
+    pub async fn new() -> Self {
+        let template = template_name();
+        let mut admin = admin().await;
+        ensure_template(&mut admin, &template).await;
+        let name = format!(
+            "notifyd_test_{}_{:08x}",
+            std::process::id(),
+            fastrand::u32(..)
+        );
+        let mut tries = 0;
+        loop {
+            let r = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "CREATE DATABASE {name} TEMPLATE {template}"
+            )))
+            .execute(&mut admin)
+            .await;
+            match r {
+                Ok(_) => break,
+                // "source database is being accessed by other users": another clone is
+                // in progress; try again shortly.
+                Err(e) if tries < 50 => {
+                    tries += 1;
+                    let _ = e;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => panic!("cannot create test database: {e}"),
+            }
+        }
+        let _ = admin.close().await;
+        let url = url_for(&name);
+        let pool = PgPoolOptions::new()
+            .max_connections(20)
+            .connect(&url)
+            .await
+            .expect("connect to the test database");
+        TestDb { name, url, pool }
+    }
+
+    pub fn pipeline(&self) -> Pipeline {
+        Pipeline::new(self.pool.clone(), RateLimit::default())
+    }
+
+    /// Enqueue one event with plain SQL, as the backend does; returns its id.
+    pub async fn enqueue(&self, user: &str, event_type: &str, body: &str) -> i64 {
+        sqlx::query_scalar(
+            "INSERT INTO notify.events (user_id, event_type, body) VALUES ($1, $2, $3) RETURNING id",
+        )
+        .bind(user)
+        .bind(event_type)
+        .bind(body)
+        .fetch_one(&self.pool)
+        .await
+        .expect("enqueue")
+    }
+
+    /// Count rows of a query returning one bigint.
+    pub async fn count(&self, sql: &'static str) -> i64 {
+        sqlx::query_scalar(sql).fetch_one(&self.pool).await.unwrap()
+    }
+
+    /// Jobs of our queue that still have work to do.
+    pub async fn live_jobs(&self) -> i64 {
+        self.count(
+            "SELECT count(*) FROM apalis.jobs WHERE job_type = 'notifyd.events'
+               AND (status IN ('Pending', 'Queued', 'Running')
+                    OR (status = 'Failed' AND attempts < max_attempts))",
+        )
+        .await
+    }
+
+    /// Poll (not sleep for a guessed time) until the queue has no live job, or panic
+    /// after `limit`.
+    pub async fn wait_until_drained(&self, limit: Duration) {
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            if self.live_jobs().await == 0 {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "queue not drained after {limit:?}: {} live jobs",
+                self.live_jobs().await
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        // Drop the database from a separate thread with its own runtime (Drop cannot
+        // await). FORCE ends this test's connections; the pool belongs to the test's
+        // runtime, which is blocked here, so it must not be closed from this thread.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                if let Ok(mut admin) = PgConnection::connect(&server_url()).await {
+                    let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                        "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+                    )))
+                    .execute(&mut admin)
+                    .await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// The job payload the enqueue trigger writes for an event.
+pub fn job_for(event_id: i64) -> RawJob {
+    RawJob(format!("{{\"event_id\":{event_id}}}").into_bytes())
+}
+
+/// Run events through the pipeline directly (no queue), one batch.
+pub async fn process(p: &Pipeline, ids: &[i64]) -> Vec<Outcome> {
+    let jobs: Vec<RawJob> = ids.iter().map(|&id| job_for(id)).collect();
+    p.process(&jobs)
+        .await
+        .into_iter()
+        .map(|r| r.expect("no job error"))
+        .collect()
+}
