@@ -35,7 +35,7 @@ pub struct BatchSettings {
 impl Default for BatchSettings {
     fn default() -> Self {
         Self {
-            max_batch: 500,
+            max_batch: 1000,
             linger: Duration::from_millis(2),
             flushers: 2,
         }

@@ -39,15 +39,15 @@ pub struct BenchArgs {
     pub replicas: u32,
 
     /// Passed to each worker as --concurrency.
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, default_value_t = 3000)]
     pub concurrency: u32,
 
     /// Passed to each worker as --fetch-batch.
-    #[arg(long, default_value_t = 500)]
+    #[arg(long, default_value_t = 1000)]
     pub fetch_batch: u32,
 
     /// Passed to each worker as --store-batch.
-    #[arg(long, default_value_t = 500)]
+    #[arg(long, default_value_t = 1000)]
     pub store_batch: u32,
 
     /// Passed to each worker as --store-flushers.

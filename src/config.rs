@@ -77,17 +77,17 @@ pub enum Command {
 #[derive(Debug, Clone, Args)]
 pub struct WorkerArgs {
     /// Jobs in flight at once; they wait in the batcher for their group commit.
-    #[arg(long, env = "NOTIFYD_CONCURRENCY", default_value_t = 1000,
+    #[arg(long, env = "NOTIFYD_CONCURRENCY", default_value_t = 3000,
           value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub concurrency: u32,
 
     /// Jobs claimed per queue fetch.
-    #[arg(long, env = "NOTIFYD_FETCH_BATCH", default_value_t = 500,
+    #[arg(long, env = "NOTIFYD_FETCH_BATCH", default_value_t = 1000,
           value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub fetch_batch: u32,
 
     /// Most events stored in one transaction.
-    #[arg(long, env = "NOTIFYD_STORE_BATCH", default_value_t = 500,
+    #[arg(long, env = "NOTIFYD_STORE_BATCH", default_value_t = 1000,
           value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub store_batch: u32,
 

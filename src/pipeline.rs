@@ -162,11 +162,21 @@ impl Pipeline {
         &self,
         ids: &[i64],
     ) -> Result<HashMap<i64, Result<Outcome, JobError>>, sqlx::Error> {
+        let t0 = std::time::Instant::now();
         let rows = store::fetch_events(&self.pool, ids).await?;
+        let t1 = std::time::Instant::now();
         let (mut answers, prepared) = tokio::task::spawn_blocking(move || prepare(rows))
             .await
             .map_err(|e| sqlx::Error::Protocol(format!("sanitizer task failed: {e}")))?;
+        let t2 = std::time::Instant::now();
         let decisions = store::apply_batch(&self.pool, &prepared, self.rate, self.now).await?;
+        tracing::debug!(
+            batch = ids.len(),
+            load_ms = (t1 - t0).as_secs_f64() * 1e3,
+            sanitize_ms = (t2 - t1).as_secs_f64() * 1e3,
+            store_ms = t2.elapsed().as_secs_f64() * 1e3,
+            "batch processed"
+        );
         let mut by_id: HashMap<i64, Decision> =
             decisions.into_iter().map(|d| (d.event_id, d)).collect();
         for p in &prepared {

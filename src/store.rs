@@ -177,71 +177,64 @@ WITH input AS (
 clock AS (
     SELECT COALESCE($7::timestamptz, statement_timestamp()) AS now
 ),
-pending AS (
-    SELECT i.*
-    FROM input AS i
-    JOIN notify.events AS e ON e.id = i.event_id
-    WHERE e.outcome IS NULL
-),
 decided AS (
-    SELECT p.*,
+    SELECT i.*,
            CASE
-               WHEN p.invalid_reason IS NOT NULL THEN 'invalid'
+               WHEN i.invalid_reason IS NOT NULL THEN 'invalid'
                WHEN pref.enabled IS FALSE THEN 'opted_out'
            END AS early_outcome
-    FROM pending AS p
+    FROM input AS i
+    JOIN notify.events AS e ON e.id = i.event_id AND e.outcome IS NULL
     LEFT JOIN notify.preferences AS pref
-           ON pref.user_id = p.user_id AND pref.event_type = p.event_type
+           ON pref.user_id = i.user_id AND pref.event_type = i.event_type
 ),
-candidates AS (
-    SELECT d.*, row_number() OVER (PARTITION BY d.user_id ORDER BY d.event_id) AS rank
+ranked AS (
+    SELECT d.*,
+           row_number() OVER (PARTITION BY d.user_id, d.early_outcome IS NULL
+                              ORDER BY d.event_id) AS rank
     FROM decided AS d
-    WHERE d.early_outcome IS NULL
 ),
-usage AS (
-    SELECT u.user_id,
-           (SELECT count(*)
-            FROM (SELECT n.created_at
-                  FROM notify.notifications AS n
-                  WHERE n.user_id = u.user_id
-                  ORDER BY n.id DESC
-                  LIMIT $8) AS recent, clock
-            WHERE recent.created_at > clock.now - $9::interval) AS used
-    FROM (SELECT DISTINCT user_id FROM candidates) AS u
-),
-admitted AS (
-    SELECT c.*
-    FROM candidates AS c
-    JOIN usage AS u ON u.user_id = c.user_id
-    WHERE u.used + c.rank <= $8
+judged AS (
+    SELECT r.event_id, r.user_id, r.event_type, r.body, r.link, r.invalid_reason,
+           CASE
+               WHEN r.early_outcome IS NOT NULL THEN r.early_outcome
+               WHEN r.rank + (SELECT count(*)
+                              FROM (SELECT n.created_at
+                                    FROM notify.notifications AS n
+                                    WHERE n.user_id = r.user_id
+                                    ORDER BY n.id DESC
+                                    LIMIT $8) AS recent, clock
+                              WHERE recent.created_at > clock.now - $9::interval) <= $8
+                   THEN 'stored'
+               ELSE 'rate_limited'
+           END AS outcome
+    FROM ranked AS r
 ),
 inserted AS (
     INSERT INTO notify.notifications (user_id, event_id, event_type, body, link, created_at)
-    SELECT a.user_id, a.event_id, a.event_type, a.body, a.link, clock.now
-    FROM admitted AS a, clock
-    ORDER BY a.user_id, a.event_id
+    SELECT j.user_id, j.event_id, j.event_type, j.body, j.link, clock.now
+    FROM judged AS j, clock
+    WHERE j.outcome = 'stored'
+    ORDER BY j.user_id, j.event_id
     ON CONFLICT (event_id) DO NOTHING
     RETURNING event_id, id
 ),
-outcomes AS (
-    SELECT d.event_id,
-           CASE
-               WHEN d.early_outcome IS NOT NULL THEN d.early_outcome
-               WHEN a.event_id IS NOT NULL THEN 'stored'
-               ELSE 'rate_limited'
-           END AS outcome,
-           d.invalid_reason AS reason,
-           ins.id AS notification_id
-    FROM decided AS d
-    LEFT JOIN admitted AS a ON a.event_id = d.event_id
-    LEFT JOIN inserted AS ins ON ins.event_id = d.event_id
+recorded AS (
+    UPDATE notify.events AS e
+    SET outcome = j.outcome,
+        outcome_reason = CASE WHEN j.outcome = 'invalid' THEN j.invalid_reason END,
+        processed_at = clock.now
+    FROM judged AS j, clock
+    WHERE e.id = j.event_id
+    RETURNING e.id, e.user_id, e.outcome
 )
-UPDATE notify.events AS e
-SET outcome = o.outcome, outcome_reason = o.reason, processed_at = clock.now
-FROM outcomes AS o, clock
-WHERE e.id = o.event_id
-RETURNING e.id, e.user_id, e.outcome, o.notification_id
+SELECT id AS event_id, user_id, outcome, NULL::bigint AS notification_id FROM recorded
+UNION ALL
+SELECT event_id, NULL, NULL, id FROM inserted
 "#;
+
+/// `(event_id, user_id, outcome, notification_id)`: see [`DECIDE_AND_STORE`]'s final SELECT.
+type StoreRow = (i64, Option<String>, Option<String>, Option<i64>);
 
 async fn decide_and_store(
     tx: &mut Transaction<'_, Postgres>,
@@ -269,25 +262,40 @@ async fn decide_and_store(
         days: 0,
         microseconds: i64::try_from(rate.window.as_micros()).unwrap_or(i64::MAX),
     };
-    let rows: Vec<(i64, String, String, Option<i64>)> = sqlx::query_as(DECIDE_AND_STORE)
-        .bind(&ids)
-        .bind(&users)
-        .bind(&types)
-        .bind(&bodies)
-        .bind(&links)
-        .bind(&invalid)
-        .bind(now)
-        .bind(i64::from(rate.limit))
-        .bind(window)
-        .fetch_all(&mut **tx)
-        .await?;
-    Ok(rows
-        .into_iter()
-        .map(|(event_id, user_id, outcome, notification_id)| Decision {
-            event_id,
-            user_id,
-            outcome,
-            notification_id,
-        })
-        .collect())
+    let rows: Vec<StoreRow> =
+        sqlx::query_as(DECIDE_AND_STORE)
+            .bind(&ids)
+            .bind(&users)
+            .bind(&types)
+            .bind(&bodies)
+            .bind(&links)
+            .bind(&invalid)
+            .bind(now)
+            .bind(i64::from(rate.limit))
+            .bind(window)
+            .fetch_all(&mut **tx)
+            .await?;
+    // Two kinds of rows come back: one per recorded outcome, one per inserted
+    // notification. Join them here, where the sizes are known, not in SQL, where the
+    // planner cannot estimate `unnest` and would join the two with nested loops.
+    let mut ids_by_event = std::collections::HashMap::new();
+    let mut decisions = Vec::with_capacity(rows.len());
+    for (event_id, user_id, outcome, notification_id) in rows {
+        match (user_id, outcome, notification_id) {
+            (_, _, Some(id)) => {
+                ids_by_event.insert(event_id, id);
+            }
+            (Some(user_id), Some(outcome), None) => decisions.push(Decision {
+                event_id,
+                user_id,
+                outcome,
+                notification_id: None,
+            }),
+            _ => {}
+        }
+    }
+    for d in &mut decisions {
+        d.notification_id = ids_by_event.get(&d.event_id).copied();
+    }
+    Ok(decisions)
 }

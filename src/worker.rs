@@ -74,7 +74,7 @@ async fn cleanup_loop(
 ) {
     let mut tick: u64 = 0;
     loop {
-        let result = if tick % 60 == 0 {
+        let result = if tick.is_multiple_of(60) {
             cleanup::run_once(&pool, retention).await.map(|r| {
                 if r != cleanup::Report::default() {
                     tracing::info!(?r, "retention pass");
