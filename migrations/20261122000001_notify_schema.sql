@@ -25,21 +25,26 @@ CREATE TABLE notify.events (
     id              bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     user_id         text NOT NULL
                     CONSTRAINT events_user_id_valid
-                    CHECK (char_length(user_id) BETWEEN 1 AND 128 AND user_id !~ '[[:cntrl:][:space:]]'),
+                    CHECK (char_length(user_id) BETWEEN 1 AND 128
+                           AND user_id !~ '[[:cntrl:]\s\u00a0\u1680\u2000-\u200b\u2028\u2029\u202f\u205f\u3000\ufeff]'),
     event_type      text NOT NULL
                     CONSTRAINT events_event_type_known REFERENCES notify.event_types (name),
     body            text NOT NULL
                     CONSTRAINT events_body_length
-                    CHECK (char_length(body) BETWEEN 1 AND 1000 AND btrim(body, E' \t\r\n') <> ''),
+                    CHECK (char_length(body) BETWEEN 1 AND 1000
+                           AND body ~ '[^\s\u00a0\u1680\u2000-\u200b\u2028\u2029\u202f\u205f\u3000\ufeff]'),
     -- A relative path ("/inbox/7", not "//host") or an absolute http(s) URL with a plain
-    -- host name (no user info, no whitespace or control characters anywhere).
+    -- host name and an optional port up to 65535: no user info, and no whitespace, control
+    -- characters, backslashes, quotes, backticks or angle brackets anywhere.
     link            text
                     CONSTRAINT events_link_safe
                     CHECK (link IS NULL OR (
                         char_length(link) <= 2048
-                        AND link !~ '[[:cntrl:][:space:]\\]'
+                        AND link !~ '[[:cntrl:]\s\u00a0\u2000-\u200b\u2028\u2029\u3000\\''"`<>]'
                         AND (link ~ '^/([^/]|$)'
-                             OR link ~* '^https?://[a-z0-9]([a-z0-9.-]*[a-z0-9])?(:[0-9]{1,5})?([/?#]|$)')
+                             OR link ~* ('^https?://[a-z0-9]([a-z0-9.-]*[a-z0-9])?'
+                                         '(:([0-9]{1,4}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5]))?'
+                                         '([/?#]|$)'))
                     )),
     idempotency_key text
                     CONSTRAINT events_idempotency_key_unique UNIQUE

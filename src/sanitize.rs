@@ -10,7 +10,9 @@
 //! * A [`SafeLink`] is either a relative path starting with a single `/`, or an absolute
 //!   `http`/`https` URL with a host, re-serialised by the `url` crate (so it is
 //!   percent-encoded and normalised). `javascript:`, `data:`, protocol-relative `//host`
-//!   and everything else are refused.
+//!   and everything else are refused, and so is any link with whitespace, control
+//!   characters, a backslash, quotes, a backtick or angle brackets, so that even a link
+//!   pasted into a quoted HTML attribute cannot break out of it.
 //!
 //! The frontend renders both as text (`textContent`, and `href` for the link); this module
 //! makes sure that even a careless renderer gets nothing executable.
@@ -106,11 +108,10 @@ pub fn sanitize_link(raw: &str) -> Result<SafeLink, Rejected> {
     if raw.chars().count() > MAX_LINK_CHARS {
         return Err(Rejected::LinkTooLong);
     }
-    if raw.is_empty()
-        || raw
-            .chars()
-            .any(|c| c.is_control() || c.is_whitespace() || c == '\\')
-    {
+    let forbidden = |c: char| {
+        c.is_control() || c.is_whitespace() || matches!(c, '\\' | '\'' | '"' | '`' | '<' | '>')
+    };
+    if raw.is_empty() || raw.chars().any(forbidden) {
         return Err(Rejected::LinkNotAllowed);
     }
     if raw.starts_with('/') {
@@ -262,6 +263,10 @@ mod tests {
             "https://user:pw@example.com/",
             "relative/path",
             "http://",
+            "/inbox'onmouseover='alert(1)",
+            "/a\"b",
+            "https://example.com/`x`",
+            "https://example.com:99999/",
             "",
         ] {
             assert!(sanitize_link(bad).is_err(), "{bad:?} was accepted");

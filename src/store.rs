@@ -262,19 +262,18 @@ async fn decide_and_store(
         days: 0,
         microseconds: i64::try_from(rate.window.as_micros()).unwrap_or(i64::MAX),
     };
-    let rows: Vec<StoreRow> =
-        sqlx::query_as(DECIDE_AND_STORE)
-            .bind(&ids)
-            .bind(&users)
-            .bind(&types)
-            .bind(&bodies)
-            .bind(&links)
-            .bind(&invalid)
-            .bind(now)
-            .bind(i64::from(rate.limit))
-            .bind(window)
-            .fetch_all(&mut **tx)
-            .await?;
+    let rows: Vec<StoreRow> = sqlx::query_as(DECIDE_AND_STORE)
+        .bind(&ids)
+        .bind(&users)
+        .bind(&types)
+        .bind(&bodies)
+        .bind(&links)
+        .bind(&invalid)
+        .bind(now)
+        .bind(i64::from(rate.limit))
+        .bind(window)
+        .fetch_all(&mut **tx)
+        .await?;
     // Two kinds of rows come back: one per recorded outcome, one per inserted
     // notification. Join them here, where the sizes are known, not in SQL, where the
     // planner cannot estimate `unnest` and would join the two with nested loops.

@@ -29,3 +29,58 @@ async fn stores_one_notification_per_event_even_when_run_twice() {
         .unwrap();
     assert_eq!(body, "Hello Alice");
 }
+
+/// The store step itself refuses to decide an event twice, even when the caller loaded the
+/// event before another run recorded its outcome (two replicas running the same job: both
+/// read `outcome IS NULL`, one waits for the other's per-user lock). Simulated here by
+/// handing the store the same prepared event again.
+#[tokio::test]
+async fn the_store_step_never_decides_an_event_twice() {
+    use notifyd::store::{Prepared, RateLimit, apply_batch};
+
+    let db = TestDb::new().await;
+    let stored = db.enqueue("42", "new_message", "first run").await;
+    let limited = db.enqueue("42", "new_message", "limited").await;
+    let prepared = |id: i64| Prepared {
+        event_id: id,
+        user_id: "42".into(),
+        event_type: "new_message".into(),
+        body: Some("stale copy".into()),
+        link: None,
+        invalid: None,
+    };
+    let one = RateLimit {
+        limit: 1,
+        ..RateLimit::default()
+    };
+    let first = apply_batch(&db.pool, &[prepared(stored), prepared(limited)], one, None)
+        .await
+        .unwrap();
+    let outcomes: Vec<&str> = first.iter().map(|d| d.outcome.as_str()).collect();
+    assert_eq!(outcomes, ["stored", "rate_limited"]);
+
+    // A second run with stale input, and a more generous limit: nothing is decided again.
+    let again = apply_batch(
+        &db.pool,
+        &[prepared(stored), prepared(limited)],
+        RateLimit::default(),
+        None,
+    )
+    .await
+    .unwrap();
+    assert!(again.is_empty(), "decided twice: {again:?}");
+    let rows: Vec<(String, String)> = sqlx::query_as(
+        "SELECT e.outcome, COALESCE(n.body, '') FROM notify.events AS e
+         LEFT JOIN notify.notifications AS n ON n.event_id = e.id ORDER BY e.id",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        rows,
+        vec![
+            ("stored".to_owned(), "stale copy".to_owned()),
+            ("rate_limited".to_owned(), String::new())
+        ]
+    );
+}

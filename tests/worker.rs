@@ -1,0 +1,350 @@
+//! End to end through the real apalis worker, in process: `claim::run` with the group-commit
+//! batcher, fed by SQL inserts, drained by polling the queue (no fixed sleeps).
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::TestDb;
+use notifyd::batch::{BatchSettings, Batcher};
+use notifyd::claim::{self, ClaimSettings};
+use notifyd::pipeline::Pipeline;
+use notifyd::store::RateLimit;
+use sqlx::PgPool;
+use sqlx::postgres::PgPoolOptions;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+/// One worker replica: its own pool, batcher and claim loop.
+struct Worker {
+    name: String,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl Worker {
+    async fn start(db: &TestDb, name: &str, rate: RateLimit) -> Self {
+        Self::start_with(db, name, rate, 50, 100, 2).await
+    }
+
+    /// `fetch_batch` jobs per claim, `max_batch` jobs per store transaction, `flushers`
+    /// store transactions at once.
+    async fn start_with(
+        db: &TestDb,
+        name: &str,
+        rate: RateLimit,
+        fetch_batch: usize,
+        max_batch: usize,
+        flushers: usize,
+    ) -> Self {
+        let pool = PgPoolOptions::new()
+            .max_connections(flushers as u32 + 6)
+            .connect(&db.url)
+            .await
+            .expect("worker pool");
+        let batcher = Batcher::start(
+            Pipeline::new(pool.clone(), rate),
+            BatchSettings {
+                max_batch,
+                linger: Duration::from_millis(2),
+                flushers,
+            },
+        );
+        let settings = ClaimSettings {
+            concurrency: 200,
+            fetch_batch,
+            poll_interval: Duration::from_millis(50),
+            heartbeat: Duration::from_secs(1),
+            missed_heartbeats: 5,
+            name: name.to_owned(),
+        };
+        let (stop, rx) = watch::channel(false);
+        let task = tokio::spawn(claim::run(pool, settings, batcher, rx));
+        Worker {
+            name: name.to_owned(),
+            stop,
+            task,
+        }
+    }
+
+    /// Ask the worker to stop and wait (bounded) for its claim loop to return.
+    async fn shutdown(self) {
+        assert!(
+            !self.task.is_finished(),
+            "worker {} ended before it was told to stop",
+            self.name
+        );
+        self.stop.send(true).unwrap();
+        tokio::time::timeout(Duration::from_secs(30), self.task)
+            .await
+            .unwrap_or_else(|_| panic!("worker {} did not stop within 30 s", self.name))
+            .unwrap();
+    }
+}
+
+/// Wait until apalis has registered the worker (it is then listening and polling).
+async fn wait_registered(db: &TestDb, name: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let n: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM apalis.workers WHERE id LIKE $1 || '-%'")
+                .bind(name)
+                .fetch_one(&db.pool)
+                .await
+                .unwrap();
+        if n > 0 {
+            return;
+        }
+        assert!(Instant::now() < deadline, "worker {name} never registered");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn insert_raw_job(pool: &PgPool, payload: &[u8]) -> String {
+    // Written straight into the queue table, as a buggy producer or a hand edit would. Due a
+    // minute ago, so these are first in line, ahead of the good events.
+    sqlx::query_scalar(
+        "INSERT INTO apalis.jobs (job, id, job_type, status, attempts, max_attempts, run_at, priority)
+         VALUES ($1, apalis.generate_ulid(), 'notifyd.events', 'Pending', 0, 5,
+                 now() - interval '1 minute', 0)
+         RETURNING id",
+    )
+    .bind(payload)
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+/// One INSERT ... SELECT of `users * per_user` events. Each user's events are consecutive,
+/// so consecutive claims (by both replicas) and concurrent store transactions hit the same
+/// user: the hardest case for the rate limit.
+async fn enqueue_many(db: &TestDb, users: i64, per_user: i64) {
+    sqlx::query(
+        "INSERT INTO notify.events (user_id, event_type, body)
+         SELECT 'user-' || (g / $2), 'new_message', 'Message ' || g
+         FROM generate_series(0, $1 * $2 - 1) AS g",
+    )
+    .bind(users)
+    .bind(per_user)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn poison_rows_are_killed_with_a_reason_and_do_not_block_the_queue() {
+    let db = TestDb::new().await;
+    let garbage = insert_raw_job(&db.pool, b"\xff\xfe\x00garbage").await;
+    let no_event_id = insert_raw_job(&db.pool, br#"{"user_id":"42","body":"hi"}"#).await;
+    let missing = insert_raw_job(&db.pool, br#"{"event_id":987654321}"#).await;
+    let mut good = Vec::new();
+    for i in 0..50 {
+        good.push(
+            db.enqueue(&format!("u{}", i % 5), "new_message", &format!("Good {i}"))
+                .await,
+        );
+    }
+
+    let worker = Worker::start(&db, "poison", RateLimit::default()).await;
+    db.wait_until_drained(Duration::from_secs(30)).await;
+
+    assert_eq!(
+        db.count("SELECT count(*) FROM notify.notifications").await,
+        50,
+        "every good event behind the poison rows was stored"
+    );
+    assert_eq!(
+        db.count("SELECT count(*) FROM notify.events WHERE outcome = 'stored'")
+            .await,
+        50
+    );
+    for (id, reason) in [
+        (&garbage, "not JSON"),
+        (&no_event_id, "not JSON of the form"),
+        (&missing, "event 987654321 does not exist"),
+    ] {
+        let (status, result): (String, Option<serde_json::Value>) =
+            sqlx::query_as("SELECT status, last_result FROM apalis.jobs WHERE id = $1")
+                .bind(id)
+                .fetch_one(&db.pool)
+                .await
+                .unwrap();
+        assert_eq!(status, "Killed", "poison job {id}: {result:?}");
+        let text = result.map(|v| v.to_string()).unwrap_or_default();
+        assert!(
+            text.contains(reason),
+            "poison job {id}: last_result {text} should say {reason:?}"
+        );
+    }
+    // No other job failed, and the good jobs finished.
+    assert_eq!(
+        db.count("SELECT count(*) FROM apalis.jobs WHERE status <> 'Done'")
+            .await,
+        3
+    );
+
+    // The worker kept running through them: apalis's worker was never restarted (a restart
+    // registers a new name, "<prefix>-1"), and it still takes new work.
+    let more = db.enqueue("u1", "system_alert", "After the poison").await;
+    db.wait_until_drained(Duration::from_secs(30)).await;
+    let outcome: Option<String> =
+        sqlx::query_scalar("SELECT outcome FROM notify.events WHERE id = $1")
+            .bind(more)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(outcome.as_deref(), Some("stored"));
+    let names: Vec<String> = sqlx::query_scalar("SELECT id FROM apalis.workers ORDER BY id")
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(names, vec!["poison-0".to_owned()]);
+    worker.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_workers_drain_2000_events_with_an_exact_rate_limit() {
+    const USERS: i64 = 50;
+    const PER_USER: i64 = 40;
+    const LIMIT: u32 = 30;
+    let db = TestDb::new().await;
+    let rate = RateLimit {
+        limit: LIMIT,
+        window: Duration::from_secs(3600),
+    };
+    // Both idle and listening before the events arrive, so they race for them. Small claims
+    // and small store transactions, several at once per replica, so that many transactions
+    // hold events of the same user at the moment that user reaches the limit.
+    let a = Worker::start_with(&db, "replica-a", rate, 20, 10, 4).await;
+    let b = Worker::start_with(&db, "replica-b", rate, 20, 10, 4).await;
+    wait_registered(&db, "replica-a").await;
+    wait_registered(&db, "replica-b").await;
+
+    enqueue_many(&db, USERS, PER_USER).await;
+    db.wait_until_drained(Duration::from_secs(120)).await;
+
+    let per_user: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT e.user_id, count(n.event_id)
+         FROM notify.events AS e LEFT JOIN notify.notifications AS n ON n.event_id = e.id
+         GROUP BY e.user_id ORDER BY e.user_id",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(per_user.len(), USERS as usize);
+    for (user, stored) in &per_user {
+        assert_eq!(*stored, i64::from(LIMIT), "user {user}");
+    }
+    assert_eq!(
+        db.count(
+            "SELECT count(*) FROM (SELECT event_id FROM notify.notifications
+             GROUP BY event_id HAVING count(*) > 1) AS d"
+        )
+        .await,
+        0,
+        "no event stored twice"
+    );
+    assert_eq!(
+        db.count("SELECT count(*) FROM notify.events WHERE outcome IS NULL")
+            .await,
+        0,
+        "every event has an outcome"
+    );
+    assert_eq!(
+        db.count("SELECT count(*) FROM notify.events WHERE outcome = 'rate_limited'")
+            .await,
+        USERS * (PER_USER - i64::from(LIMIT))
+    );
+    assert_eq!(
+        db.count(
+            "SELECT count(*) FROM notify.events AS e
+             JOIN notify.notifications AS n ON n.event_id = e.id
+             WHERE e.outcome <> 'stored'"
+        )
+        .await,
+        0,
+        "outcomes agree with the notifications"
+    );
+    assert_eq!(
+        db.count("SELECT count(*) FROM apalis.jobs WHERE status = 'Done'")
+            .await,
+        USERS * PER_USER,
+        "every job finished, none failed"
+    );
+    // Both replicas took part (each claims at most 20 per fetch, and both were woken).
+    let by_worker: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT lock_by, count(*) FROM apalis.jobs WHERE status = 'Done' GROUP BY lock_by ORDER BY 1",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        by_worker.len(),
+        2,
+        "both workers should have processed jobs: {by_worker:?}"
+    );
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_delayed_event_is_stored_only_after_its_time() {
+    let db = TestDb::new().await;
+    let worker = Worker::start(&db, "delay", RateLimit::default()).await;
+    wait_registered(&db, "delay").await;
+
+    let (id, run_at): (i64, chrono::DateTime<chrono::Utc>) = sqlx::query_as(
+        "INSERT INTO notify.events (user_id, event_type, body, run_at)
+         VALUES ('42', 'system_alert', 'Later', now() + interval '2 seconds')
+         RETURNING id, run_at",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    // An event due now, enqueued after the delayed one, is stored first.
+    let now_id = db.enqueue("42", "system_alert", "Now").await;
+
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut saw_pending_while_early = false;
+    let created_at = loop {
+        let row: Option<(chrono::DateTime<chrono::Utc>,)> =
+            sqlx::query_as("SELECT created_at FROM notify.notifications WHERE event_id = $1")
+                .bind(id)
+                .fetch_optional(&db.pool)
+                .await
+                .unwrap();
+        if let Some((created_at,)) = row {
+            break created_at;
+        }
+        let (early, now_stored): (bool, bool) = sqlx::query_as(
+            "SELECT now() < $1, EXISTS (SELECT 1 FROM notify.notifications WHERE event_id = $2)",
+        )
+        .bind(run_at)
+        .bind(now_id)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        if early && now_stored {
+            saw_pending_while_early = true;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the delayed event was not stored within 15 s"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    };
+    assert!(
+        created_at >= run_at,
+        "stored at {created_at}, before its run_at {run_at}"
+    );
+    assert!(
+        created_at < run_at + chrono::Duration::seconds(5),
+        "stored at {created_at}, long after its run_at {run_at}"
+    );
+    assert!(
+        saw_pending_while_early,
+        "the worker was running (the due event was stored) while the delayed one waited"
+    );
+    db.wait_until_drained(Duration::from_secs(10)).await;
+    worker.shutdown().await;
+}
