@@ -1,0 +1,532 @@
+//! The HTTP endpoints: what a request may ask, and how each answer is decided.
+//!
+//! Polling protocol (also in docs/API.md and the OpenAPI description):
+//! * `after` absent: the newest `limit` notifications, returned oldest first.
+//! * `after=N`: notifications with `id > N`, oldest first, at most `limit`.
+//! * `next_after` is always the cursor to send next: the last id returned, or the
+//!   request's `after` when nothing is new. Without `after` and with nothing to return,
+//!   it is the user's newest known id (so the next poll is cheap). Clients just echo it.
+//! * `after=0` means "everything still retained" and never expires.
+//! * `after=N>0` when a notification with an id above N was deleted (retention, or by
+//!   the backend) before the client saw it: 410 `cursor_expired`. The rule is exact:
+//!   the database keeps, per user, the highest id ever deleted (the horizon); the
+//!   cursor has expired iff `0 < after < horizon`.
+//! * `after` above anything this user ever had (newest id and horizon): 400
+//!   `invalid_cursor` (for example a cursor kept across a change of user).
+//!
+//! How an answer is decided (see `watermark.rs` for why the cache can be trusted):
+//! 1. cached snapshot, `after ≥` the feed's newest id: answer from memory, no query;
+//! 2. cached snapshot, something newer: one page query; unread count from the cache;
+//! 3. no snapshot (or no `after`): one statement for page and snapshot, which refills
+//!    the cache.
+
+use axum::Json;
+use axum::extract::{RawQuery, State};
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use utoipa::{IntoParams, ToSchema};
+
+use super::AppState;
+use super::auth::{CurrentUser, UserId};
+use super::error::{ApiError, ErrorBody};
+use super::reads::{self, Feed, PageRows};
+
+/// Page size when `limit` is absent.
+pub const DEFAULT_LIMIT: i64 = 50;
+/// Largest `limit` accepted.
+pub const MAX_LIMIT: i64 = 200;
+
+/// One notification. The text is plain text (markup was removed when it was stored):
+/// render it as text, never as HTML.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
+pub struct Notification {
+    /// Unique, and per user increasing in the order notifications become visible.
+    #[schema(example = 1042)]
+    pub id: i64,
+    /// `new_message`, `status_change`, `system_alert`, or a type added later.
+    #[schema(example = "new_message")]
+    pub event_type: String,
+    /// Plain text, at most 1,000 characters.
+    #[schema(example = "You have a new message from Alice", max_length = 1000)]
+    pub body: String,
+    /// A relative path (`/inbox/7`) or an absolute http(s) URL, or null.
+    #[schema(example = "/messages/7")]
+    pub link: Option<String>,
+    /// When the notification was stored (RFC 3339, UTC, microseconds).
+    #[serde(serialize_with = "rfc3339::serialize")]
+    #[schema(example = "2026-11-22T08:00:00.123456Z")]
+    pub created_at: DateTime<Utc>,
+    /// When it was marked read (RFC 3339, UTC, microseconds), or null while unread.
+    #[serde(serialize_with = "rfc3339::serialize_option")]
+    #[schema(example = json!(null))]
+    pub read_at: Option<DateTime<Utc>>,
+}
+
+/// Timestamps as `YYYY-MM-DDTHH:MM:SS.ffffffZ`: fixed width, the database's precision,
+/// written without going through `fmt` (a page holds up to 400 of them).
+pub(super) mod rfc3339 {
+    use chrono::{DateTime, Datelike, SecondsFormat, Timelike, Utc};
+    use serde::Serializer;
+
+    pub fn format(t: &DateTime<Utc>, buf: &mut [u8; 27]) -> Option<()> {
+        let year = u32::try_from(t.year()).ok().filter(|y| *y <= 9999)?;
+        let micros = t.nanosecond() / 1000;
+        // A leap second (nanosecond >= 1e9) falls back to chrono.
+        if micros >= 1_000_000 {
+            return None;
+        }
+        let mut put = |at: usize, value: u32, width: usize| {
+            let mut v = value;
+            for i in (at..at + width).rev() {
+                buf[i] = b'0' + (v % 10) as u8;
+                v /= 10;
+            }
+        };
+        put(0, year, 4);
+        put(5, t.month(), 2);
+        put(8, t.day(), 2);
+        put(11, t.hour(), 2);
+        put(14, t.minute(), 2);
+        put(17, t.second(), 2);
+        put(20, micros, 6);
+        for (i, c) in [
+            (4, b'-'),
+            (7, b'-'),
+            (10, b'T'),
+            (13, b':'),
+            (16, b':'),
+            (19, b'.'),
+            (26, b'Z'),
+        ] {
+            buf[i] = c;
+        }
+        Some(())
+    }
+
+    pub fn serialize<S: Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
+        let mut buf = [0u8; 27];
+        match format(t, &mut buf).and_then(|()| std::str::from_utf8(&buf).ok()) {
+            Some(text) => s.serialize_str(text),
+            None => s.serialize_str(&t.to_rfc3339_opts(SecondsFormat::Micros, true)),
+        }
+    }
+
+    pub fn serialize_option<S: Serializer>(
+        t: &Option<DateTime<Utc>>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        match t {
+            Some(t) => serialize(t, s),
+            None => s.serialize_none(),
+        }
+    }
+}
+
+/// The answer of both notification endpoints.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct NotificationPage {
+    /// Oldest first.
+    #[schema(value_type = Vec<Notification>)]
+    pub notifications: PageRows,
+    /// The `after` to send on the next request: the last id returned, or the request's
+    /// `after` when nothing is new. Always echo it.
+    #[schema(example = 1042)]
+    pub next_after: i64,
+    /// This user's unread notifications (all of them, not only this page).
+    #[schema(example = 3)]
+    pub unread_count: i64,
+}
+
+impl IntoResponse for NotificationPage {
+    fn into_response(self) -> Response {
+        // Sized for a typical row, so that a full page is written without regrowing.
+        let mut body = Vec::with_capacity(64 + 320 * self.notifications.len());
+        match serde_json::to_writer(&mut body, &self) {
+            Ok(()) => ([(header::CONTENT_TYPE, "application/json")], body).into_response(),
+            Err(e) => ApiError::Internal(anyhow::Error::new(e).context("cannot encode a page"))
+                .into_response(),
+        }
+    }
+}
+
+/// Query parameters of both notification endpoints, as documented. Nothing else is
+/// accepted; [`PageQuery::parse`] is the parser.
+#[derive(Debug, Clone, Copy, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct PageParams {
+    /// Cursor: return notifications with `id > after`, oldest first. Absent: the newest
+    /// page (still oldest first). `0`: everything still retained, never expired. Send
+    /// the previous response's `next_after`.
+    #[param(minimum = 0, example = 1000)]
+    pub after: Option<i64>,
+    /// Page size, 1 to 200.
+    #[param(minimum = 1, maximum = 200, default = 50)]
+    pub limit: Option<i64>,
+}
+
+/// Parsed query parameters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageQuery {
+    pub after: Option<i64>,
+    pub limit: i64,
+}
+
+impl PageQuery {
+    /// Parse a raw query string strictly: only `after` and `limit`, each at most once,
+    /// each a plain decimal integer in range.
+    pub fn parse(query: Option<&str>) -> Result<Self, ApiError> {
+        let mut after = None;
+        let mut limit = None;
+        for (key, value) in url::form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+            let slot = match &*key {
+                "after" => &mut after,
+                "limit" => &mut limit,
+                other => {
+                    let shown: String = other.chars().take(40).collect();
+                    return Err(ApiError::bad_request(
+                        "unknown_parameter",
+                        format!(
+                            "unknown query parameter `{shown}`: only `after` and `limit` are accepted"
+                        ),
+                    ));
+                }
+            };
+            if slot.is_some() {
+                return Err(ApiError::bad_request(
+                    "invalid_parameter",
+                    format!("`{key}` is given more than once"),
+                ));
+            }
+            *slot = Some(value);
+        }
+        let after = match after {
+            None => None,
+            Some(v) => Some(decimal(&v).ok_or_else(|| {
+                ApiError::bad_request(
+                    "invalid_parameter",
+                    "`after` must be a notification id: an integer from 0 to 9223372036854775807",
+                )
+            })?),
+        };
+        let limit = match limit {
+            None => DEFAULT_LIMIT,
+            Some(v) => decimal(&v)
+                .filter(|n| (1..=MAX_LIMIT).contains(n))
+                .ok_or_else(|| {
+                    ApiError::bad_request(
+                        "invalid_parameter",
+                        format!("`limit` must be an integer from 1 to {MAX_LIMIT}"),
+                    )
+                })?,
+        };
+        Ok(PageQuery { after, limit })
+    }
+}
+
+/// A non-negative decimal integer without sign, spaces or exponent.
+fn decimal(s: &str) -> Option<i64> {
+    if s.is_empty() || s.len() > 19 || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    s.parse().ok()
+}
+
+/// List this user's notifications.
+#[utoipa::path(
+    get,
+    path = "/api/notifications",
+    tag = "notifications",
+    params(PageParams),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "A page, oldest first", body = NotificationPage),
+        (status = 400, description = "Invalid or unknown parameter, or a cursor never issued to this user (`invalid_cursor`)", body = ErrorBody),
+        (status = 401, description = "Missing, malformed, expired or unverifiable token", body = ErrorBody,
+         headers(("WWW-Authenticate" = String, description = "Bearer challenge (RFC 6750)"))),
+        (status = 410, description = "`cursor_expired`: notifications after the cursor were deleted before the client saw them; restart without `after`", body = ErrorBody),
+        (status = 429, description = "Per-user request limit reached", body = ErrorBody,
+         headers(("Retry-After" = u64, description = "Seconds to wait"))),
+        (status = 503, description = "Database unreachable or request timed out", body = ErrorBody,
+         headers(("Retry-After" = u64, description = "Seconds to wait"))),
+    )
+)]
+pub async fn list(
+    State(state): State<AppState>,
+    CurrentUser(user): CurrentUser,
+    RawQuery(query): RawQuery,
+) -> Result<NotificationPage, ApiError> {
+    let query = PageQuery::parse(query.as_deref())?;
+    read(&state, &user, Feed::All, query).await
+}
+
+/// List this user's unread notifications (same shape and cursor rules).
+#[utoipa::path(
+    get,
+    path = "/api/notifications/unread",
+    tag = "notifications",
+    params(PageParams),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "A page of unread notifications, oldest first", body = NotificationPage),
+        (status = 400, description = "Invalid or unknown parameter, or a cursor never issued to this user (`invalid_cursor`)", body = ErrorBody),
+        (status = 401, description = "Missing, malformed, expired or unverifiable token", body = ErrorBody,
+         headers(("WWW-Authenticate" = String, description = "Bearer challenge (RFC 6750)"))),
+        (status = 410, description = "`cursor_expired`: restart without `after`", body = ErrorBody),
+        (status = 429, description = "Per-user request limit reached", body = ErrorBody,
+         headers(("Retry-After" = u64, description = "Seconds to wait"))),
+        (status = 503, description = "Database unreachable or request timed out", body = ErrorBody,
+         headers(("Retry-After" = u64, description = "Seconds to wait"))),
+    )
+)]
+pub async fn unread(
+    State(state): State<AppState>,
+    CurrentUser(user): CurrentUser,
+    RawQuery(query): RawQuery,
+) -> Result<NotificationPage, ApiError> {
+    let query = PageQuery::parse(query.as_deref())?;
+    read(&state, &user, Feed::Unread, query).await
+}
+
+/// Decide one page (see the module docs for the three paths).
+async fn read(
+    state: &AppState,
+    user: &UserId,
+    feed: Feed,
+    query: PageQuery,
+) -> Result<NotificationPage, ApiError> {
+    let uid = user.as_str();
+    let cache = state.cache();
+    if let Some(after) = query.after
+        && let Some(snapshot) = cache.lookup(uid)
+        // A cursor above everything we know may be a cache that lags: ask the database.
+        && after <= snapshot.ceiling()
+    {
+        if after > 0 && after < snapshot.horizon {
+            return Err(ApiError::CursorExpired);
+        }
+        let newest = match feed {
+            Feed::All => snapshot.newest,
+            Feed::Unread => snapshot.newest_unread,
+        };
+        if newest <= after {
+            state.metrics().count_cache_answer();
+            return Ok(NotificationPage {
+                notifications: PageRows::default(),
+                next_after: after,
+                unread_count: snapshot.unread,
+            });
+        }
+        state.metrics().count_query();
+        let rows = reads::page(state.pool(), uid, feed, Some(after), query.limit).await?;
+        let next_after = rows.last_id().unwrap_or(after);
+        return Ok(NotificationPage {
+            notifications: rows,
+            next_after,
+            unread_count: snapshot.unread,
+        });
+    }
+
+    let ticket = cache.begin_fill(uid);
+    state.metrics().count_query();
+    let (rows, snapshot) =
+        reads::page_with_snapshot(state.pool(), uid, feed, query.after, query.limit).await?;
+    if let Some(ticket) = ticket {
+        cache.complete_fill(uid, ticket, snapshot);
+    }
+    if let Some(after) = query.after {
+        if after > 0 && after < snapshot.horizon {
+            return Err(ApiError::CursorExpired);
+        }
+        if after > snapshot.ceiling() {
+            return Err(ApiError::bad_request(
+                "invalid_cursor",
+                "`after` is above every notification this user ever had: it was not issued \
+                 to this user; restart without `after`",
+            ));
+        }
+    }
+    let next_after = rows
+        .last_id()
+        .or(query.after)
+        .unwrap_or_else(|| snapshot.ceiling());
+    Ok(NotificationPage {
+        notifications: rows,
+        next_after,
+        unread_count: snapshot.unread,
+    })
+}
+
+/// Status of the health endpoints.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct Health {
+    #[schema(example = "ok")]
+    pub status: &'static str,
+}
+
+/// Readiness, with the state of the notification cache.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct Readiness {
+    #[schema(example = "ok")]
+    pub status: &'static str,
+    /// `live` while the LISTEN connection is up (empty polls are answered from memory),
+    /// `off` otherwise (every poll queries the database; still correct).
+    #[schema(example = "live")]
+    pub cache: &'static str,
+}
+
+/// Liveness: the process is up. Never touches the database.
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "health",
+    responses((status = 200, description = "The process is up", body = Health))
+)]
+pub async fn healthz() -> Json<Health> {
+    Json(Health { status: "ok" })
+}
+
+/// Readiness: the database answers `SELECT 1` within a short timeout.
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "health",
+    responses(
+        (status = 200, description = "The database is reachable", body = Readiness),
+        (status = 503, description = "The database is not reachable", body = ErrorBody),
+    )
+)]
+pub async fn readyz(State(state): State<AppState>) -> Result<Json<Readiness>, ApiError> {
+    match tokio::time::timeout(super::READY_TIMEOUT, reads::ping(state.pool())).await {
+        Ok(Ok(())) => Ok(Json(Readiness {
+            status: "ok",
+            cache: if state.cache().is_live() {
+                "live"
+            } else {
+                "off"
+            },
+        })),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "readiness check failed");
+            Err(ApiError::Unavailable)
+        }
+        Err(_) => {
+            tracing::warn!("readiness check timed out");
+            Err(ApiError::Unavailable)
+        }
+    }
+}
+
+/// This API's OpenAPI description.
+#[utoipa::path(
+    get,
+    path = "/api/openapi.json",
+    tag = "meta",
+    responses((status = 200, description = "OpenAPI 3.1 description of this API", content_type = "application/json"))
+)]
+pub async fn openapi(State(state): State<AppState>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        state.openapi_json(),
+    )
+        .into_response()
+}
+
+pub async fn not_found() -> ApiError {
+    ApiError::NotFound
+}
+
+pub async fn method_not_allowed() -> ApiError {
+    ApiError::MethodNotAllowed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok(q: &str) -> PageQuery {
+        PageQuery::parse(Some(q)).unwrap_or_else(|e| panic!("{q}: {e}"))
+    }
+
+    fn code(q: &str) -> String {
+        match PageQuery::parse(Some(q)) {
+            Err(ApiError::BadRequest { code, .. }) => code.to_owned(),
+            other => panic!("{q}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn timestamps_are_fixed_width_rfc3339() {
+        use chrono::TimeZone;
+        let page = |t: DateTime<Utc>| {
+            let n = Notification {
+                id: 1,
+                event_type: "x".into(),
+                body: "y".into(),
+                link: None,
+                created_at: t,
+                read_at: Some(t),
+            };
+            serde_json::to_value(&n).unwrap()
+        };
+        let t =
+            Utc.with_ymd_and_hms(2026, 1, 2, 3, 4, 5).unwrap() + chrono::Duration::microseconds(67);
+        let v = page(t);
+        assert_eq!(v["created_at"], "2026-01-02T03:04:05.000067Z");
+        assert_eq!(v["read_at"], "2026-01-02T03:04:05.000067Z");
+        let parsed: DateTime<Utc> = v["created_at"].as_str().unwrap().parse().unwrap();
+        assert_eq!(parsed, t);
+        let far = Utc.with_ymd_and_hms(12345, 1, 1, 0, 0, 0).unwrap();
+        assert_eq!(
+            page(far)["created_at"],
+            far.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+        );
+    }
+
+    #[test]
+    fn accepts() {
+        assert_eq!(
+            ok(""),
+            PageQuery {
+                after: None,
+                limit: 50
+            }
+        );
+        assert_eq!(
+            ok("after=0&limit=200"),
+            PageQuery {
+                after: Some(0),
+                limit: 200
+            }
+        );
+        assert_eq!(
+            ok("limit=1&after=9223372036854775807").after,
+            Some(i64::MAX)
+        );
+    }
+
+    #[test]
+    fn rejects() {
+        for q in [
+            "after=-1",
+            "after=+1",
+            "after=1.0",
+            "after=abc",
+            "after=",
+            "after",
+            "after=9223372036854775808",
+            "after=1&after=2",
+            "limit=0",
+            "limit=201",
+            "limit=-5",
+            "limit=x",
+            "limit=1e2",
+            "after=%201",
+        ] {
+            assert_eq!(code(q), "invalid_parameter", "{q}");
+        }
+        assert_eq!(code("user_id=7"), "unknown_parameter");
+        assert_eq!(code("after=1&foo"), "unknown_parameter");
+    }
+}

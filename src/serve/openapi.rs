@@ -1,0 +1,74 @@
+//! The OpenAPI description, generated from the handlers' annotations and the response
+//! types (utoipa), so that it cannot drift from the code. It is served at
+//! `/api/openapi.json` and committed as `openapi.json`; `tests/serve_openapi.rs` fails
+//! when the committed file differs from [`json`], and rewrites it with
+//! `NOTIFYD_UPDATE_OPENAPI=1 cargo test --test serve_openapi`.
+
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+
+use super::api;
+use super::error::{ErrorBody, ErrorDetail};
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "notifyd read API",
+        description = "Read-only notifications of the authenticated user, for polling by a \
+frontend.\n\n\
+Every `/api/notifications*` request carries `Authorization: Bearer <jwt>`; the token's \
+`sub` is the user, and no parameter can name another user.\n\n\
+Polling: start without `after` (the newest page, oldest first), then always send the \
+previous response's `next_after` as `after`. An empty poll is cheap. A 410 \
+`cursor_expired` means notifications were deleted before you saw them: restart without \
+`after`. A 429 carries `Retry-After`. Every error body is \
+`{\"error\": {\"code\": \"...\", \"message\": \"...\"}}`.",
+        license(name = "MIT OR Apache-2.0")
+    ),
+    paths(api::list, api::unread, api::healthz, api::readyz, api::openapi),
+    components(schemas(
+        api::Notification,
+        api::NotificationPage,
+        api::Health,
+        api::Readiness,
+        ErrorBody,
+        ErrorDetail
+    )),
+    modifiers(&BearerAuth),
+    tags(
+        (name = "notifications", description = "The user's notifications"),
+        (name = "health", description = "Probes for orchestrators and load balancers"),
+        (name = "meta", description = "This description")
+    )
+)]
+pub struct ApiDoc;
+
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .bearer_format("JWT")
+                    .description(Some(
+                        "The backend's JWT: HS256, RS256 or ES256 as configured; `sub` is the \
+                         user id, `exp` is required.",
+                    ))
+                    .build(),
+            ),
+        );
+    }
+}
+
+/// The description as pretty JSON, with a trailing newline (the committed file's form).
+pub fn json() -> String {
+    let mut s = ApiDoc::openapi()
+        .to_pretty_json()
+        .expect("the OpenAPI description serializes");
+    s.push('\n');
+    s
+}
