@@ -8,6 +8,8 @@
 //! transaction the next one fills, so batches grow with load and latency stays low when
 //! the queue is quiet.
 //!
+//! Every answer is counted in `notifyd_events_total{outcome}` (see [`crate::metrics`]).
+//!
 //! Invariant: every submitted job is answered exactly once; if the batcher is gone (the
 //! worker is shutting down) the caller gets a transient error and apalis keeps the job.
 
@@ -16,6 +18,7 @@ use std::time::Duration;
 
 use tokio::sync::{Mutex, mpsc, oneshot};
 
+use crate::metrics::OutcomeTally;
 use crate::pipeline::{JobError, Outcome, Pipeline};
 use crate::validate::RawJob;
 
@@ -86,11 +89,24 @@ async fn flush_loop(
         };
         let (jobs, replies): (Vec<RawJob>, Vec<Reply>) = batch.into_iter().unzip();
         let answers = pipeline.process(&jobs).await;
+        tally(&answers).record();
         for (reply, answer) in replies.into_iter().zip(answers) {
             // The caller may have gone away (worker shutdown); its job stays in the queue.
             let _ = reply.send(answer);
         }
     }
+}
+
+fn tally(answers: &[Result<Outcome, JobError>]) -> OutcomeTally {
+    let mut tally = OutcomeTally::default();
+    for answer in answers {
+        match answer {
+            Ok(outcome) => tally.outcome(outcome.label()),
+            Err(JobError::Bad(_)) => tally.permanent_failure(),
+            Err(JobError::Transient(_)) => tally.transient_failure(),
+        }
+    }
+    tally
 }
 
 /// Wait for the first job, then take more until the batch is full, the channel is empty

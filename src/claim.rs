@@ -1,5 +1,5 @@
 //! Claim: the apalis worker that takes jobs from `apalis.jobs` and hands them to the
-//! group-commit [`Batcher`].
+//! group-commit [`Batcher`], and the rescue of jobs held by dead workers.
 //!
 //! How it is wired, and why:
 //! * **Queue name** `notifyd.events`, set explicitly (the trigger on `notify.events` writes it).
@@ -9,28 +9,49 @@
 //!   apalis's worker exits on a decode error. The pipeline validates the bytes itself.
 //! * **Outcomes**: a bad job returns `AbortError` (status `Killed`, not retried, reason in
 //!   `last_result`); a database failure returns an ordinary error (status `Failed`, retried
-//!   by apalis up to `max_attempts`).
+//!   by apalis up to `max_attempts`, after a backoff that the `notifyd_failed_job_backoff`
+//!   trigger sets).
 //! * **Supervision**: apalis's backend stops its worker on any database error (fetch,
 //!   heartbeat or ack). [`run`] restarts it under a fresh name with exponential backoff and
-//!   jitter, so a Postgres restart costs a pause, never the process. Jobs the dead instance
-//!   held are rescued by the orphan check after `heartbeat × missed_heartbeats`; the store
-//!   step is idempotent, so a rescued job that had in fact finished is a `duplicate`.
+//!   jitter, so a Postgres restart costs a pause, never the process. The jobs the failed
+//!   instance held are released at once (it is gone, so nobody else can finish them); if
+//!   that fails too, they are rescued like a dead worker's.
+//! * **Rescue** ([`rescue_orphans`], run by every worker replica every heartbeat): a job
+//!   claimed by a worker whose heartbeat is older than `heartbeat × missed_heartbeats` goes
+//!   back to `Pending`. Only a silent worker's jobs are touched, so starting or stopping
+//!   replicas never re-runs a live replica's jobs. Each instance beats from its own task
+//!   ([`heartbeat`]), not only from apalis's fetch loop, which goes quiet while a busy
+//!   worker waits on its in-flight jobs. apalis's own orphan check is kept as a backstop one
+//!   heartbeat later (for replicas without this rescuer).
+//! * **Fencing**: a worker that was only slow, not dead, may still finish a rescued job.
+//!   Its effect is idempotent (the outcome is recorded under the user's lock, once per
+//!   event; the second run answers `duplicate`), and its ack is a no-op because apalis
+//!   guards acks with `lock_by`.
 
 use std::convert::Infallible;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use apalis::prelude::*;
 use apalis_core::backend::ext::with_codec::WithCodec;
 use apalis_postgres::{Config, PostgresStorage, Pubsub};
 use sqlx::PgPool;
+use sqlx::postgres::types::PgInterval;
 use tokio::sync::watch;
+use tracing::Instrument;
 
 use crate::batch::Batcher;
+use crate::metrics;
 use crate::pipeline::{JobError, Outcome};
-use crate::validate::RawJob;
+use crate::validate::{RawJob, parse_job};
 
 /// The apalis queue (`apalis.jobs.job_type`) that `notify.enqueue_events` writes.
 pub const QUEUE: &str = "notifyd.events";
+
+/// apalis's own orphan check runs this many heartbeats after ours, as a backstop.
+const APALIS_BACKSTOP_HEARTBEATS: usize = 1;
+
+/// How long the best-effort release of a stopped instance's jobs may take.
+const RELEASE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Hands apalis's bytes to the handler untouched. Decoding cannot fail, so no payload can
 /// stop the worker.
@@ -74,36 +95,100 @@ impl ClaimSettings {
     }
 }
 
-async fn handle_job(job: RawJob, batcher: Data<Batcher>) -> Result<Outcome, BoxDynError> {
-    match batcher.submit(job).await {
-        Ok(outcome) => Ok(outcome),
-        Err(JobError::Bad(reason)) => {
-            tracing::warn!(%reason, "job refused");
-            Err(AbortError::new(reason).into())
-        }
-        Err(e @ JobError::Transient(_)) => Err(e.into()),
+/// Looked up once (a lookup per job shows at tens of thousands of jobs per second). The
+/// recorder is installed before any worker starts.
+static CLAIM_WAIT: std::sync::LazyLock<::metrics::Histogram> =
+    std::sync::LazyLock::new(|| ::metrics::histogram!(metrics::CLAIM_WAIT));
+
+/// What the handler knows about a job besides its payload.
+struct JobInfo {
+    id: String,
+    /// Milliseconds since the epoch when the job became due: its enqueue time (from the
+    /// ULID) or its `run_at` (whole seconds), whichever is later.
+    due_ms: Option<u64>,
+}
+
+impl<Args: Sync> FromRequest<Task<Args>> for JobInfo {
+    type Error = Infallible;
+
+    async fn from_request(task: &Task<Args>) -> Result<Self, Infallible> {
+        let ctx = task.ctx();
+        let created = ctx
+            .task_id()
+            .and_then(|id| id.as_ulid())
+            .map(|u| u.timestamp_ms());
+        let run_at = ctx.run_at().map(|s| s.saturating_mul(1000));
+        Ok(JobInfo {
+            id: ctx.task_id().map(ToString::to_string).unwrap_or_default(),
+            due_ms: created.max(run_at),
+        })
     }
 }
 
-/// Run the worker until `shutdown` turns true. Restarts apalis's worker after failures.
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+async fn handle_job(
+    job: RawJob,
+    batcher: Data<Batcher>,
+    info: JobInfo,
+) -> Result<Outcome, BoxDynError> {
+    if let Some(due) = info.due_ms {
+        let wait = now_ms().saturating_sub(due) as f64 / 1e3;
+        CLAIM_WAIT.record(wait);
+    }
+    let event_id = parse_job(&job).ok();
+    let span = tracing::debug_span!("job", id = %info.id, event_id);
+    match batcher.submit(job).instrument(span).await {
+        Ok(outcome) => Ok(outcome),
+        Err(JobError::Bad(reason)) => {
+            tracing::warn!(job = %info.id, event_id, %reason, "job refused");
+            Err(AbortError::new(reason).into())
+        }
+        Err(e @ JobError::Transient(_)) => {
+            tracing::warn!(job = %info.id, event_id, error = %e, "job failed; apalis will retry it");
+            Err(e.into())
+        }
+    }
+}
+
+/// Run the worker until `shutdown` turns true, waiting for in-flight jobs as long as they
+/// take. Restarts apalis's worker after failures. See [`run_with_drain`].
 pub async fn run(
     pool: PgPool,
     settings: ClaimSettings,
     batcher: Batcher,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) {
+    run_with_drain(pool, settings, batcher, shutdown, None).await;
+}
+
+/// [`run`], with a bound on shutdown: once `shutdown` turns true, apalis stops claiming,
+/// lets in-flight jobs finish and puts fetched-but-unstarted ones back to `Pending`. If that
+/// takes longer than `drain`, the worker is dropped and the jobs it still held are released
+/// (back to `Pending`) for other replicas. Returns the number of jobs released that way.
+pub async fn run_with_drain(
+    pool: PgPool,
+    settings: ClaimSettings,
+    batcher: Batcher,
+    mut shutdown: watch::Receiver<bool>,
+    drain: Option<Duration>,
+) -> u64 {
     let mut restarts: u32 = 0;
     let mut backoff = Duration::from_millis(250);
     loop {
         if *shutdown.borrow() {
-            return;
+            return 0;
         }
         let name = format!("{}-{}", settings.name, restarts);
         let config = Config::default()
             .queue(QUEUE)
             .batch_size(settings.fetch_batch)
             .heartbeat_interval(settings.heartbeat)
-            .missed_heartbeats(settings.missed_heartbeats)
+            .missed_heartbeats(settings.missed_heartbeats + APALIS_BACKSTOP_HEARTBEATS)
             // The claim already marks jobs Queued with lock_by; a second per-job UPDATE to
             // Running buys nothing here (rescue covers Queued jobs too).
             .lock_tasks(false)
@@ -119,32 +204,211 @@ pub async fn run(
             .data(batcher.clone())
             .build(handle_job);
 
+        let span = tracing::info_span!("worker", worker = %name);
+        let beat = tokio::spawn(
+            heartbeat(pool.clone(), name.clone(), settings.heartbeat).instrument(span.clone()),
+        );
         let mut stop = shutdown.clone();
-        let started = std::time::Instant::now();
-        tracing::info!(worker = %name, "worker started");
-        let result = worker
+        let started = Instant::now();
+        span.in_scope(|| tracing::info!("worker started"));
+        let running = worker
             .run_until(async move {
                 let _ = stop.wait_for(|s| *s).await;
                 Ok::<(), std::io::Error>(())
             })
-            .await;
-        match result {
-            Ok(()) if *shutdown.borrow() => {
-                tracing::info!(worker = %name, "worker stopped");
-                return;
+            .instrument(span.clone());
+        let mut deadline = shutdown.clone();
+        let drain_deadline = async move {
+            let _ = deadline.wait_for(|s| *s).await;
+            match drain {
+                Some(d) => tokio::time::sleep(d).await,
+                None => std::future::pending().await,
             }
-            Ok(()) => tracing::warn!(worker = %name, "worker ended on its own; restarting"),
-            Err(e) => tracing::error!(worker = %name, error = %e, "worker failed; restarting"),
+        };
+        let result = tokio::select! {
+            r = running => Some(r),
+            _ = drain_deadline => None,
+        };
+        beat.abort();
+        match result {
+            None => {
+                span.in_scope(|| {
+                    tracing::warn!(
+                        drain_secs = drain.unwrap_or_default().as_secs_f64(),
+                        "in-flight jobs did not finish before the shutdown deadline; releasing them"
+                    )
+                });
+                return release_after_stop(&pool, &name, settings.rescue_after())
+                    .instrument(span)
+                    .await;
+            }
+            Some(Ok(())) if *shutdown.borrow() => {
+                span.in_scope(|| tracing::info!("worker stopped"));
+                return release_after_stop(&pool, &name, settings.rescue_after())
+                    .instrument(span)
+                    .await;
+            }
+            Some(Ok(())) => span.in_scope(|| tracing::warn!("worker ended on its own; restarting")),
+            Some(Err(e)) => {
+                span.in_scope(|| tracing::error!(error = %e, "worker failed; restarting"))
+            }
         }
+        ::metrics::counter!(metrics::WORKER_RESTARTS).increment(1);
+        release_after_stop(&pool, &name, settings.rescue_after())
+            .instrument(span)
+            .await;
         if started.elapsed() > Duration::from_secs(60) {
             backoff = Duration::from_millis(250);
         }
         let wait = backoff.mul_f64(0.5 + fastrand::f64());
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
-            _ = shutdown.wait_for(|s| *s) => return,
+            _ = shutdown.wait_for(|s| *s) => return 0,
         }
         backoff = (backoff * 2).min(Duration::from_secs(10));
         restarts += 1;
     }
+}
+
+/// Keep `worker`'s heartbeat fresh while its instance runs, independently of apalis.
+///
+/// apalis heartbeats from inside its fetch loop, and only between fetched batches: a
+/// worker whose in-flight jobs wait on a slow store transaction can go silent for longer
+/// than the rescue time while it is alive and working, and lose its jobs to a rescue. This
+/// task beats on its own timer, so "silent" means what rescue assumes: the process is dead,
+/// frozen, or cut off from the database. (apalis keeps beating too; both write `now()`.)
+async fn heartbeat(pool: PgPool, worker: String, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let beat = sqlx::query(
+            "UPDATE apalis.workers SET last_seen = now() WHERE id = $1 AND worker_type = $2",
+        )
+        .bind(&worker)
+        .bind(QUEUE)
+        .execute(&pool);
+        if let Ok(Err(e)) = tokio::time::timeout(every, beat).await {
+            tracing::debug!(error = %e, "heartbeat failed");
+        }
+    }
+}
+
+/// Give back the jobs of a stopped worker instance and mark it stopped (its heartbeat is
+/// backdated by the rescue time, so `notifyd status` shows it gone at once and anything it
+/// still holds is rescued at the next check). Best effort and time-bounded: if the database
+/// is down, the jobs stay claimed and are rescued later.
+async fn release_after_stop(pool: &PgPool, worker: &str, rescue_after: Duration) -> u64 {
+    let work = async {
+        let released = release_jobs(pool, worker).await?;
+        sqlx::query(
+            "UPDATE apalis.workers SET last_seen = least(last_seen, now() - $2::interval)
+             WHERE id = $1",
+        )
+        .bind(worker)
+        .bind(interval(rescue_after))
+        .execute(pool)
+        .await?;
+        Ok::<u64, sqlx::Error>(released)
+    };
+    match tokio::time::timeout(RELEASE_TIMEOUT, work).await {
+        Ok(Ok(0)) => 0,
+        Ok(Ok(n)) => {
+            tracing::info!(jobs = n, "released the jobs of the stopped worker instance");
+            n
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "could not release the stopped instance's jobs; they will be rescued");
+            0
+        }
+        Err(_) => {
+            tracing::warn!("releasing the stopped instance's jobs timed out; they will be rescued");
+            0
+        }
+    }
+}
+
+fn interval(d: Duration) -> PgInterval {
+    PgInterval {
+        months: 0,
+        days: 0,
+        microseconds: i64::try_from(d.as_micros()).unwrap_or(i64::MAX),
+    }
+}
+
+/// Put the claimed jobs of `worker` (an instance of this process that is no longer
+/// running) back to `Pending`. Counts as an attempt, like apalis's own re-enqueue.
+pub async fn release_jobs(pool: &PgPool, worker: &str) -> Result<u64, sqlx::Error> {
+    let n = sqlx::query(
+        "UPDATE apalis.jobs
+         SET status = 'Pending', lock_by = NULL, lock_at = NULL, done_at = NULL,
+             attempts = attempts + 1,
+             last_result = jsonb_build_object('Err', 'Released by worker ' || $2 || ' as it stopped')
+         WHERE job_type = $1 AND lock_by = $2 AND status IN ('Queued', 'Running')",
+    )
+    .bind(QUEUE)
+    .bind(worker)
+    .execute(pool)
+    .await?
+    .rows_affected();
+    if n > 0 {
+        ::metrics::counter!(metrics::RELEASED).increment(n);
+    }
+    Ok(n)
+}
+
+/// Jobs taken back from one dead worker.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rescued {
+    pub worker: String,
+    pub jobs: i64,
+    /// Seconds since the worker's last heartbeat.
+    pub silent_secs: f64,
+}
+
+/// Put the jobs of workers silent for at least `after` back to `Pending` (attempts + 1, the
+/// reason in `last_result`). Safe to run from every replica at once (`SKIP LOCKED`), and it
+/// never touches a worker that heartbeats: see the module docs for why a slow worker is
+/// harmless.
+pub async fn rescue_orphans(pool: &PgPool, after: Duration) -> Result<Vec<Rescued>, sqlx::Error> {
+    let after = interval(after);
+    let rows: Vec<(String, i64, f64)> = sqlx::query_as(
+        "WITH stale AS (
+             SELECT j.id, w.id AS worker, extract(epoch FROM now() - w.last_seen)::float8 AS silent
+             FROM apalis.jobs AS j
+             JOIN apalis.workers AS w ON w.id = j.lock_by
+             WHERE j.job_type = $1
+               AND j.status IN ('Queued', 'Running')
+               AND w.last_seen <= now() - $2::interval
+             FOR UPDATE OF j SKIP LOCKED
+         ),
+         rescued AS (
+             UPDATE apalis.jobs AS j
+             SET status = 'Pending', lock_by = NULL, lock_at = NULL, done_at = NULL,
+                 attempts = j.attempts + 1,
+                 last_result = jsonb_build_object('Err',
+                     'Rescued: worker ' || s.worker || ' missed its heartbeats')
+             FROM stale AS s
+             WHERE j.id = s.id
+             RETURNING s.worker, s.silent
+         )
+         SELECT worker, count(*), max(silent) FROM rescued GROUP BY worker ORDER BY worker",
+    )
+    .bind(QUEUE)
+    .bind(after)
+    .fetch_all(pool)
+    .await?;
+    let rescued: Vec<Rescued> = rows
+        .into_iter()
+        .map(|(worker, jobs, silent_secs)| Rescued {
+            worker,
+            jobs,
+            silent_secs,
+        })
+        .collect();
+    let total: i64 = rescued.iter().map(|r| r.jobs).sum();
+    if total > 0 {
+        ::metrics::counter!(metrics::RESCUED).increment(total as u64);
+    }
+    Ok(rescued)
 }

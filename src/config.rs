@@ -72,6 +72,10 @@ pub enum Command {
     Token(crate::serve::TokenArgs),
     /// Measure drain throughput and enqueue-to-stored latency against DATABASE_URL.
     Bench(crate::bench::BenchArgs),
+    /// Print queue depth, lag, failures, recent outcomes and worker heartbeats.
+    Status(crate::ops::StatusArgs),
+    /// Inspect and steer queue jobs: stats, failed, show, retry, discard, settings.
+    Jobs(crate::ops::JobsArgs),
 }
 
 #[derive(Debug, Clone, Args)]
@@ -140,8 +144,8 @@ pub struct WorkerArgs {
           value_parser = clap::value_parser!(u32).range(2..=500))]
     pub db_pool: u32,
 
-    /// Seconds to finish in-flight jobs after SIGTERM before exiting anyway (unfinished
-    /// jobs are then rescued by other replicas).
+    /// Seconds to finish in-flight jobs after SIGTERM. Jobs still unfinished then are
+    /// released to other replicas and the process exits (at most about 2 s later).
     #[arg(long, env = "NOTIFYD_SHUTDOWN_TIMEOUT_SECS", default_value_t = 10,
           value_parser = clap::value_parser!(u64).range(1..=300))]
     pub shutdown_timeout_secs: u64,
@@ -149,6 +153,22 @@ pub struct WorkerArgs {
     /// Worker name prefix in apalis.workers (default: host name and process id).
     #[arg(long, env = "NOTIFYD_WORKER_NAME")]
     pub worker_name: Option<String>,
+
+    /// Seconds a worker's database session may sit idle inside a transaction before the
+    /// server ends it (idle_in_transaction_session_timeout; 0 turns it off). A frozen or
+    /// partitioned worker would otherwise keep its row and advisory locks, and stall the
+    /// rescue of its jobs and other replicas' batches for the same users.
+    #[arg(long, env = "NOTIFYD_IDLE_TX_TIMEOUT_SECS", default_value_t = 10,
+          value_parser = clap::value_parser!(u64).range(0..=3600))]
+    pub idle_tx_timeout_secs: u64,
+
+    /// Seconds between refreshes of the queue gauges (depth, lag, workers) on /metrics.
+    #[arg(long, env = "NOTIFYD_QUEUE_METRICS_SECS", default_value_t = 5,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub queue_metrics_secs: u64,
+
+    #[command(flatten)]
+    pub metrics: crate::metrics::MetricsArgs,
 }
 
 impl WorkerArgs {

@@ -28,5 +28,8 @@ pub mod store;
 pub mod validate;
 pub mod worker;
 
+pub mod metrics;
+pub mod ops;
+
 pub mod bench;
 pub mod serve;

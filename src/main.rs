@@ -1,7 +1,7 @@
 use clap::Parser;
 
 use notifyd::config::{Cli, Command};
-use notifyd::{bench, cleanup, db, serve, shutdown, telemetry, worker};
+use notifyd::{bench, cleanup, db, metrics, ops, serve, shutdown, telemetry, worker};
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
@@ -26,9 +26,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Worker(args) => {
+            metrics::install();
             worker::run(cli.global.database_url()?, args, shutdown::on_signal()).await
         }
         Command::Serve(args) => {
+            metrics::install();
             serve::run(cli.global.database_url()?, args, shutdown::on_signal()).await
         }
         Command::Cleanup(args) => {
@@ -47,5 +49,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Token(args) => serve::print_token(args),
         Command::Bench(args) => bench::run(cli.global.database_url()?, args).await,
+        Command::Status(args) => {
+            let pool = db::connect(cli.global.database_url()?, 2, "notifyd-ops").await?;
+            db::check_schema(&pool).await?;
+            ops::run_status(&pool, &args).await
+        }
+        Command::Jobs(args) => {
+            let pool = db::connect(cli.global.database_url()?, 2, "notifyd-ops").await?;
+            db::check_schema(&pool).await?;
+            ops::run_jobs(&pool, &args).await
+        }
     }
 }

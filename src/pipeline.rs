@@ -16,7 +16,9 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
+use tracing::Instrument;
 
+use crate::metrics;
 use crate::store::{self, Decision, Prepared, RateLimit};
 use crate::validate::{BadJob, EventRow, RawJob, parse_job, validate_event};
 
@@ -109,7 +111,15 @@ impl Pipeline {
         ids.sort_unstable();
         ids.dedup();
 
-        let decided = self.decide(ids).await;
+        let span = tracing::info_span!(
+            "batch",
+            jobs = jobs.len(),
+            events = ids.len(),
+            first_event = ids.first().copied(),
+            last_event = ids.last().copied(),
+        );
+        ::metrics::histogram!(metrics::BATCH_JOBS).record(jobs.len() as f64);
+        let decided = self.decide(ids).instrument(span).await;
         let mut seen = HashSet::new();
         parsed
             .into_iter()
@@ -170,6 +180,7 @@ impl Pipeline {
             .map_err(|e| sqlx::Error::Protocol(format!("sanitizer task failed: {e}")))?;
         let t2 = std::time::Instant::now();
         let decisions = store::apply_batch(&self.pool, &prepared, self.rate, self.now).await?;
+        ::metrics::histogram!(metrics::STORE_SECONDS).record(t2.elapsed().as_secs_f64());
         tracing::debug!(
             batch = ids.len(),
             load_ms = (t1 - t0).as_secs_f64() * 1e3,

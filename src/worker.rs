@@ -1,21 +1,32 @@
-//! `notifyd worker`: the claim loop, the group-commit batcher and the cleanup loop in one
-//! process. Stateless: run as many replicas as you like against one database.
+//! `notifyd worker`: the claim loop, the group-commit batcher, the rescuer, the cleanup loop
+//! and (optionally) a `/metrics` listener in one process. Stateless: run as many replicas as
+//! you like against one database.
 //!
-//! Shutdown: on SIGTERM the claim loop stops fetching, apalis lets in-flight jobs finish
-//! (they are answered by the batcher) and puts fetched-but-unstarted jobs back to
-//! `Pending`. If that takes longer than `--shutdown-timeout-secs`, the process exits
-//! anyway; the jobs it still held are rescued by another replica after the rescue time,
-//! and the idempotent store step makes any rerun harmless.
+//! Bounds an operator can rely on (defaults in brackets):
+//! * **Rescue**: every replica runs [`claim::rescue_orphans`] once per heartbeat; the jobs of a
+//!   worker silent for `heartbeat × missed_heartbeats` [5 s × 4 = 20 s] go back to the queue,
+//!   so a crashed worker's jobs are claimed again within `heartbeat × (missed + 1)` [25 s] as
+//!   long as one replica is running (or, failing that, when the next one starts).
+//! * **Shutdown**: on SIGTERM the claim loop stops fetching, apalis lets in-flight jobs finish
+//!   (they are answered by the batcher) and puts fetched-but-unstarted jobs back to
+//!   `Pending`. Jobs still unfinished after `--shutdown-timeout-secs` [10 s] are released
+//!   (back to `Pending`, for other replicas), then the process exits: at most about
+//!   shutdown timeout + 2 s [12 s]. If the database is down the release fails and the jobs are
+//!   rescued instead; the idempotent store step makes any rerun harmless.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use sqlx::PgPool;
 use tokio::sync::watch;
+use tracing::Instrument;
 
 use crate::batch::Batcher;
 use crate::config::WorkerArgs;
 use crate::pipeline::Pipeline;
-use crate::{claim, cleanup, db};
+use crate::{claim, cleanup, db, metrics, ops};
+
+/// Time allowed, after the claim loop returned, for closing the connection pool.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Run a worker until the shutdown signal.
 pub async fn run(
@@ -23,46 +34,171 @@ pub async fn run(
     args: WorkerArgs,
     shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
-    let pool = db::connect(database_url, args.db_pool, "notifyd-worker").await?;
+    let url = with_idle_tx_timeout(database_url, Duration::from_secs(args.idle_tx_timeout_secs));
+    let pool = db::connect(&url, args.db_pool, "notifyd-worker").await?;
     db::check_schema(&pool).await?;
     let claim_settings = args.claim();
+    let rescue_after = claim_settings.rescue_after();
+    // Bind first, so that a bad address fails before any job is claimed.
+    let metrics_listener = match args.metrics.listen() {
+        Some(listen) => Some(metrics::serve(listen, shutdown.clone()).await?),
+        None => None,
+    };
     tracing::info!(
         worker = %claim_settings.name,
         concurrency = args.concurrency,
         fetch_batch = args.fetch_batch,
         store_batch = args.store_batch,
         rate_limit = args.rate_limit,
-        rescue_after_secs = claim_settings.rescue_after().as_secs(),
+        rescue_after_secs = rescue_after.as_secs_f64(),
+        shutdown_timeout_secs = args.shutdown_timeout_secs,
+        metrics = metrics_listener.as_ref().map(|(a, _)| a.to_string()),
         "starting worker"
     );
     let batcher = Batcher::start(Pipeline::new(pool.clone(), args.rate_limit()), args.batch());
 
     if args.cleanup_interval_secs > 0 {
-        tokio::spawn(cleanup_loop(
+        tokio::spawn(
+            cleanup_loop(
+                pool.clone(),
+                args.retention.retention(),
+                Duration::from_secs(args.cleanup_interval_secs),
+                shutdown.clone(),
+            )
+            .instrument(tracing::info_span!("cleanup")),
+        );
+    }
+    tokio::spawn(
+        rescue_loop(
             pool.clone(),
-            args.retention.retention(),
-            Duration::from_secs(args.cleanup_interval_secs),
+            claim_settings.heartbeat,
+            rescue_after,
+            shutdown.clone(),
+        )
+        .instrument(tracing::info_span!("rescue")),
+    );
+    if metrics_listener.is_some() {
+        tokio::spawn(queue_metrics_loop(
+            pool.clone(),
+            Duration::from_secs(args.queue_metrics_secs),
+            rescue_after,
             shutdown.clone(),
         ));
     }
 
-    let claim = tokio::spawn(claim::run(
+    let drain = Duration::from_secs(args.shutdown_timeout_secs);
+    let mut claim = tokio::spawn(claim::run_with_drain(
         pool.clone(),
         claim_settings,
         batcher,
         shutdown.clone(),
+        Some(drain),
     ));
-    crate::shutdown::wait(shutdown).await;
-    let limit = Duration::from_secs(args.shutdown_timeout_secs);
-    match tokio::time::timeout(limit, claim).await {
-        Ok(_) => tracing::info!("worker drained and stopped"),
-        Err(_) => tracing::warn!(
-            timeout_secs = limit.as_secs(),
-            "in-flight jobs did not finish in time; exiting, they will be rescued"
-        ),
+    tokio::select! {
+        _ = crate::shutdown::wait(shutdown) => {}
+        _ = &mut claim => anyhow::bail!("the claim loop ended without a shutdown signal"),
     }
-    pool.close().await;
+    let stopping = Instant::now();
+    // The claim loop bounds itself (drain, then a time-limited release); this is a net.
+    match tokio::time::timeout(drain + Duration::from_secs(2), claim).await {
+        Ok(Ok(0)) => tracing::info!(
+            secs = stopping.elapsed().as_secs_f64(),
+            "in-flight jobs finished; worker drained"
+        ),
+        Ok(Ok(released)) => tracing::warn!(
+            released,
+            "in-flight jobs did not finish in time; released them to other replicas"
+        ),
+        Ok(Err(e)) => tracing::error!(error = %e, "the claim loop panicked"),
+        Err(_) => tracing::warn!("the claim loop did not stop in time; its jobs will be rescued"),
+    }
+    if tokio::time::timeout(CLOSE_TIMEOUT, pool.close())
+        .await
+        .is_err()
+    {
+        tracing::warn!("database connections still busy at exit; closing them anyway");
+    }
+    tracing::info!(secs = stopping.elapsed().as_secs_f64(), "worker stopped");
     Ok(())
+}
+
+/// The database URL with `idle_in_transaction_session_timeout` set for every session (sqlx
+/// reads `options[...]` query parameters). Unchanged when the timeout is 0 or the URL does
+/// not parse (`db::connect` then reports the URL error).
+fn with_idle_tx_timeout(database_url: &str, timeout: Duration) -> String {
+    if timeout.is_zero() {
+        return database_url.to_owned();
+    }
+    match url::Url::parse(database_url) {
+        Ok(mut url) => {
+            url.query_pairs_mut().append_pair(
+                "options[idle_in_transaction_session_timeout]",
+                &timeout.as_millis().to_string(),
+            );
+            url.to_string()
+        }
+        Err(_) => database_url.to_owned(),
+    }
+}
+
+/// Rescue the jobs of dead workers, once per heartbeat.
+async fn rescue_loop(
+    pool: PgPool,
+    every: Duration,
+    rescue_after: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut failing = false;
+    loop {
+        match claim::rescue_orphans(&pool, rescue_after).await {
+            Ok(rescued) => {
+                failing = false;
+                for r in rescued {
+                    tracing::warn!(
+                        dead_worker = %r.worker,
+                        jobs = r.jobs,
+                        silent_secs = r.silent_secs,
+                        "rescued the jobs of a worker that stopped heartbeating"
+                    );
+                }
+            }
+            // Said once per outage: the claim loop and the cleanup loop report it too.
+            Err(e) if !failing => {
+                failing = true;
+                tracing::warn!(error = %e, "rescue check failed; will try again");
+            }
+            Err(_) => {}
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+    }
+}
+
+/// Refresh the queue gauges on /metrics.
+async fn queue_metrics_loop(
+    pool: PgPool,
+    every: Duration,
+    rescue_after: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let stats = ops::queue_stats(&pool).await;
+        let workers = ops::workers(&pool, rescue_after).await;
+        match (stats, workers) {
+            (Ok(stats), Ok(workers)) => {
+                metrics::set_queue(&stats, workers.iter().filter(|w| w.alive).count())
+            }
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::debug!(error = %e, "queue metrics query failed")
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+    }
 }
 
 /// Purge finished queue rows at every tick, and run full retention every 60 ticks.
@@ -93,5 +229,31 @@ async fn cleanup_loop(
             _ = tokio::time::sleep(every) => {}
             _ = shutdown.wait_for(|s| *s) => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn idle_transaction_timeout_rides_on_the_url() {
+        let url = with_idle_tx_timeout(
+            "postgres://u@h:5432/db?sslmode=disable",
+            Duration::from_secs(10),
+        );
+        assert_eq!(
+            url,
+            "postgres://u@h:5432/db?sslmode=disable&options%5Bidle_in_transaction_session_timeout%5D=10000"
+        );
+        let options: sqlx::postgres::PgConnectOptions = url.parse().unwrap();
+        assert_eq!(
+            options.get_options(),
+            Some("-c idle_in_transaction_session_timeout=10000")
+        );
+        assert_eq!(
+            with_idle_tx_timeout("postgres://h/db", Duration::ZERO),
+            "postgres://h/db"
+        );
     }
 }

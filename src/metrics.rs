@@ -1,0 +1,296 @@
+//! Prometheus metrics: one process-wide recorder ([`install`]), a `/metrics` listener
+//! ([`serve`]) and the names and helpers the rest of the code records with.
+//!
+//! The recorder is the `metrics` facade with `metrics-exporter-prometheus`. Until
+//! [`install`] runs (library use, tests), every recording call is a cheap no-op.
+//!
+//! Where each series comes from:
+//! * `notifyd_events_total{outcome}`: the batcher, once per answered job (`stored`,
+//!   `opted_out`, `rate_limited`, `duplicate`, `invalid`, `failed`). `failed` covers refused
+//!   jobs (bad payload, missing event: final) and jobs given back after the in-process
+//!   retries ran out (apalis retries them); `notifyd_job_failures_total{kind}` tells the two
+//!   apart (`permanent`, `transient`).
+//! * `notifyd_claim_wait_seconds`: from the moment a job was enqueued (the time in its ULID,
+//!   or its `run_at` if later) to the moment a worker starts it. With no backlog this is the
+//!   enqueue-to-claim latency; with a backlog it is the queue wait. A retried or rescued job
+//!   counts from its first enqueue.
+//! * `notifyd_store_seconds`, `notifyd_batch_jobs`: one sample per store transaction (the
+//!   group commit of a batch).
+//! * `notifyd_queue_*`: a periodic query in the worker (every replica reports the same
+//!   values; aggregate with `max`).
+//! * `notifyd_jobs_rescued_total`: jobs this replica took back from a dead worker (see
+//!   [`crate::claim::rescue_orphans`]); `notifyd_jobs_released_total`: jobs a replica gave
+//!   back itself (after its apalis worker failed, or at the shutdown deadline).
+//! * `notifyd_http_*`: [`track_http`], a middleware for the read service.
+
+use std::net::SocketAddr;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use axum::Router;
+use axum::extract::{MatchedPath, Request};
+use axum::http::{StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use clap::Args;
+use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+pub const EVENTS: &str = "notifyd_events_total";
+pub const JOB_FAILURES: &str = "notifyd_job_failures_total";
+pub const CLAIM_WAIT: &str = "notifyd_claim_wait_seconds";
+pub const STORE_SECONDS: &str = "notifyd_store_seconds";
+pub const BATCH_JOBS: &str = "notifyd_batch_jobs";
+pub const QUEUE_DEPTH: &str = "notifyd_queue_depth";
+pub const QUEUE_JOBS: &str = "notifyd_queue_jobs";
+pub const QUEUE_LAG: &str = "notifyd_queue_lag_seconds";
+pub const WORKERS_ALIVE: &str = "notifyd_workers_alive";
+pub const RESCUED: &str = "notifyd_jobs_rescued_total";
+pub const RELEASED: &str = "notifyd_jobs_released_total";
+pub const WORKER_RESTARTS: &str = "notifyd_worker_restarts_total";
+pub const HTTP_REQUESTS: &str = "notifyd_http_requests_total";
+pub const HTTP_SECONDS: &str = "notifyd_http_request_duration_seconds";
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+const WAIT_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0,
+];
+const BATCH_BUCKETS: &[f64] = &[
+    1.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0,
+];
+
+/// The `/metrics` listener setting, shared by `notifyd worker` and `notifyd serve`.
+#[derive(Debug, Clone, Default, Args)]
+pub struct MetricsArgs {
+    /// Address (host:port) of a separate HTTP listener serving Prometheus metrics at
+    /// /metrics, e.g. 0.0.0.0:9187. Off when unset. Give each process its own port.
+    #[arg(long, env = "NOTIFYD_METRICS_LISTEN")]
+    pub metrics_listen: Option<String>,
+}
+
+impl MetricsArgs {
+    /// The listen address, if metrics are on.
+    pub fn listen(&self) -> Option<&str> {
+        self.metrics_listen
+            .as_deref()
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+    }
+}
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Install the process-wide Prometheus recorder (idempotent) and start its upkeep task.
+/// Must run inside a Tokio runtime.
+pub fn install() -> &'static PrometheusHandle {
+    HANDLE.get_or_init(|| {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Full(CLAIM_WAIT.into()), WAIT_BUCKETS)
+            .and_then(|b| b.set_buckets_for_metric(Matcher::Full(BATCH_JOBS.into()), BATCH_BUCKETS))
+            .and_then(|b| {
+                b.set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
+            })
+            .expect("bucket lists are non-empty")
+            .build_recorder();
+        let handle = recorder.handle();
+        if metrics::set_global_recorder(recorder).is_err() {
+            tracing::warn!("a metrics recorder was already installed; /metrics will be empty");
+        }
+        describe();
+        gauge!("notifyd_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+        let upkeep = handle.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                every.tick().await;
+                upkeep.run_upkeep();
+            }
+        });
+        handle
+    })
+}
+
+fn describe() {
+    describe_counter!(EVENTS, "Jobs answered, by outcome");
+    describe_counter!(
+        JOB_FAILURES,
+        "Jobs answered with an error: permanent (refused, not retried) or transient (retried)"
+    );
+    describe_histogram!(
+        CLAIM_WAIT,
+        "Seconds from a job's enqueue (or run_at, if later) to a worker starting it"
+    );
+    describe_histogram!(
+        STORE_SECONDS,
+        "Seconds per store transaction (one group-committed batch)"
+    );
+    describe_histogram!(BATCH_JOBS, "Jobs per store transaction");
+    describe_gauge!(
+        QUEUE_DEPTH,
+        "Jobs not finished yet: pending, claimed, running, or waiting to retry"
+    );
+    describe_gauge!(QUEUE_JOBS, "Queue rows by state");
+    describe_gauge!(
+        QUEUE_LAG,
+        "Age in seconds of the oldest job that is due and not claimed (0 when none)"
+    );
+    describe_gauge!(
+        WORKERS_ALIVE,
+        "Workers whose last heartbeat is younger than the rescue time"
+    );
+    describe_counter!(
+        RESCUED,
+        "Jobs taken back from workers that missed their heartbeats"
+    );
+    describe_counter!(
+        RELEASED,
+        "Jobs a worker gave back itself (after a failure, or at the shutdown deadline)"
+    );
+    describe_counter!(
+        WORKER_RESTARTS,
+        "Restarts of the apalis worker after a database error"
+    );
+    describe_counter!(HTTP_REQUESTS, "HTTP requests, by method, route and status");
+    describe_histogram!(HTTP_SECONDS, "HTTP request latency in seconds");
+}
+
+/// The text exposition of every metric (empty before [`install`]).
+pub fn render() -> String {
+    HANDLE
+        .get()
+        .map(PrometheusHandle::render)
+        .unwrap_or_default()
+}
+
+/// Axum handler for `GET /metrics`.
+pub async fn handler() -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        render(),
+    )
+        .into_response()
+}
+
+/// A router with `GET /metrics` only.
+pub fn router() -> Router {
+    Router::new()
+        .route("/metrics", get(handler))
+        .fallback(|| async { StatusCode::NOT_FOUND })
+}
+
+/// Bind the metrics listener now (so a bad address fails at startup) and serve it until
+/// `shutdown`. Installs the recorder if needed.
+pub async fn serve(
+    listen: &str,
+    shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<(SocketAddr, JoinHandle<()>)> {
+    install();
+    let tcp = TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen} (NOTIFYD_METRICS_LISTEN)"))?;
+    let address = tcp.local_addr()?;
+    tracing::info!(%address, "serving Prometheus metrics at /metrics");
+    let task = tokio::spawn(async move {
+        let server =
+            axum::serve(tcp, router()).with_graceful_shutdown(crate::shutdown::wait(shutdown));
+        if let Err(e) = server.await {
+            tracing::warn!(error = %e, "metrics listener failed");
+        }
+    });
+    Ok((address, task))
+}
+
+/// Axum middleware (`axum::middleware::from_fn(metrics::track_http)`, added with
+/// `Router::layer`): counts requests and records their latency by method, route (the
+/// matched route pattern, never the raw path, so user ids do not become labels) and status.
+pub async fn track_http(request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let method = request.method().as_str().to_owned();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let response = next.run(request).await;
+    let status = response.status().as_u16().to_string();
+    let labels = [("method", method), ("route", route), ("status", status)];
+    counter!(HTTP_REQUESTS, &labels).increment(1);
+    histogram!(HTTP_SECONDS, &labels).record(started.elapsed().as_secs_f64());
+    response
+}
+
+/// Outcome counts of one batch, recorded with one increment per label.
+#[derive(Debug, Default)]
+pub struct OutcomeTally {
+    counts: [u64; 6],
+    permanent: u64,
+    transient: u64,
+}
+
+const OUTCOME_LABELS: [&str; 6] = [
+    "stored",
+    "opted_out",
+    "rate_limited",
+    "duplicate",
+    "invalid",
+    "failed",
+];
+
+impl OutcomeTally {
+    /// Count one answer by its outcome label (one of [`crate::pipeline::Outcome::label`]).
+    pub fn outcome(&mut self, label: &str) {
+        if let Some(i) = OUTCOME_LABELS.iter().position(|l| *l == label) {
+            self.counts[i] += 1;
+        }
+    }
+
+    pub fn permanent_failure(&mut self) {
+        self.counts[5] += 1;
+        self.permanent += 1;
+    }
+
+    pub fn transient_failure(&mut self) {
+        self.counts[5] += 1;
+        self.transient += 1;
+    }
+
+    pub fn record(&self) {
+        for (label, n) in OUTCOME_LABELS.iter().zip(self.counts) {
+            if n > 0 {
+                counter!(EVENTS, "outcome" => *label).increment(n);
+            }
+        }
+        if self.permanent > 0 {
+            counter!(JOB_FAILURES, "kind" => "permanent").increment(self.permanent);
+        }
+        if self.transient > 0 {
+            counter!(JOB_FAILURES, "kind" => "transient").increment(self.transient);
+        }
+    }
+}
+
+/// The queue gauges, from [`crate::ops::QueueStats`].
+pub fn set_queue(stats: &crate::ops::QueueStats, alive_workers: usize) {
+    gauge!(QUEUE_DEPTH).set(stats.depth() as f64);
+    for (state, n) in [
+        ("pending", stats.pending),
+        ("queued", stats.queued),
+        ("running", stats.running),
+        ("retry_wait", stats.retrying),
+        ("failed", stats.failed),
+        ("done", stats.done),
+    ] {
+        gauge!(QUEUE_JOBS, "state" => state).set(n as f64);
+    }
+    gauge!(QUEUE_LAG).set(stats.lag_secs);
+    gauge!(WORKERS_ALIVE).set(alive_workers as f64);
+}
