@@ -10,7 +10,10 @@
 //!    the span from the first to the last stored notification; the worker's peak RSS is
 //!    read from `/proc`.
 //! 3. **latency**: with the workers idle, events are inserted one per transaction at a
-//!    steady `--rate` for `--latency-secs`; latency is the notification's commit stamp
+//!    steady `--rate` for `--latency-secs`, each for a user of its own. "Readable" latency
+//!    runs from just before the producer sends its INSERT to the moment the bench hears
+//!    the worker's post-commit announcement for that user (so the row is committed); the
+//!    "stamp" figure is the notification's stamp
 //!    minus the event's insert stamp, both from the database clock.
 //!
 //! Figures are printed as a table and as one JSON line (for scripts).
@@ -62,6 +65,15 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 20)]
     pub latency_secs: u64,
 
+    /// Length of the soak phase in seconds (steady `--rate`, sampling worker RSS and the
+    /// queue table's size and dead tuples); 0 skips it.
+    #[arg(long, default_value_t = 0)]
+    pub soak_secs: u64,
+
+    /// Seconds between soak samples.
+    #[arg(long, default_value_t = 30)]
+    pub soak_sample_secs: u64,
+
     /// pgbench clients for the ceiling phase; 0 skips the phase.
     #[arg(long, default_value_t = 2)]
     pub ceiling_clients: u32,
@@ -87,9 +99,26 @@ struct Report {
     worker_peak_rss_mib: Vec<f64>,
     latency_rate: u64,
     latency_events: u64,
-    latency_p50_ms: Option<f64>,
-    latency_p99_ms: Option<f64>,
-    latency_max_ms: Option<f64>,
+    /// Enqueue (client, before the INSERT) to readable (commit announcement heard).
+    latency_readable_ms: Option<Percentiles>,
+    /// Notification stamp minus event stamp, database clock.
+    latency_stamp_ms: Option<Percentiles>,
+    soak: Vec<SoakSample>,
+}
+
+/// One sample of the soak phase.
+#[derive(Debug, Clone, serde::Serialize)]
+struct SoakSample {
+    secs: u64,
+    /// Current RSS of each worker (VmRSS), MiB.
+    worker_rss_mib: Vec<f64>,
+    /// `apalis.jobs`: live and dead tuples, and its size with indexes and TOAST.
+    jobs_live: i64,
+    jobs_dead: i64,
+    jobs_mib: f64,
+    /// Events enqueued so far in the soak, and how many still have no outcome.
+    enqueued: u64,
+    backlog: i64,
 }
 
 pub async fn run(database_url: &str, args: BenchArgs) -> anyhow::Result<()> {
@@ -170,12 +199,24 @@ async fn run_phases(url: &str, args: &BenchArgs) -> anyhow::Result<Report> {
             args.rate, args.latency_secs
         );
         let measured = latency(&pool, url, args).await;
-        stop_workers(&mut workers);
-        let (n, p50, p99, max) = measured?;
-        report.latency_events = n;
-        report.latency_p50_ms = p50;
-        report.latency_p99_ms = p99;
-        report.latency_max_ms = max;
+        if measured.is_err() {
+            stop_workers(&mut workers);
+        }
+        let measured = measured?;
+        report.latency_events = measured.events;
+        report.latency_readable_ms = measured.readable;
+        report.latency_stamp_ms = measured.stamp;
+        if args.soak_secs > 0 {
+            eprintln!(
+                "phase 4: soak at {} events/s for {} s",
+                args.rate, args.soak_secs
+            );
+            let soaked = soak(&pool, url, args, &workers).await;
+            stop_workers(&mut workers);
+            report.soak = soaked?;
+        } else {
+            stop_workers(&mut workers);
+        }
     } else {
         stop_workers(&mut workers);
     }
@@ -294,6 +335,115 @@ fn peak_rss_mib(pid: u32) -> f64 {
         .unwrap_or(f64::NAN)
 }
 
+fn current_rss_mib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1).map(str::to_owned))
+        })
+        .and_then(|kb| kb.parse::<f64>().ok())
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(f64::NAN)
+}
+
+/// Steady load for `--soak-secs`: one INSERT per event at `--rate`, from a few producer
+/// tasks, sampling every `--soak-sample-secs`. The worker's own cleanup loop is what keeps
+/// the queue table small; this only watches it.
+async fn soak(
+    pool: &PgPool,
+    url: &str,
+    args: &BenchArgs,
+    workers: &[Child],
+) -> anyhow::Result<Vec<SoakSample>> {
+    let producers = db::connect(url, 8, "notifyd-bench-soak").await?;
+    let first_id: i64 = sqlx::query_scalar("SELECT COALESCE(max(id), 0) FROM notify.events")
+        .fetch_one(pool)
+        .await?;
+    let enqueued = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Batches of 10 per tick keep the producer from being the bottleneck at high rates.
+    let per_tick = 10u64;
+    let tick = Duration::from_secs_f64(per_tick as f64 / args.rate.max(1) as f64);
+    let producer = {
+        let (producers, enqueued, stop) = (producers.clone(), enqueued.clone(), stop.clone());
+        let users = args.users;
+        tokio::spawn(async move {
+            let start = tokio::time::Instant::now();
+            let mut n: u64 = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                tokio::time::sleep_until(start + tick.mul_f64((n / per_tick) as f64)).await;
+                let r = sqlx::query(
+                    "INSERT INTO notify.events (user_id, event_type, body)
+                     SELECT 'soak' || ((($1::bigint + g) % $3) + 1), 'status_change', 'Soak event ' || ($1::bigint + g)
+                     FROM generate_series(1, $2::bigint) AS g",
+                )
+                .bind(n as i64)
+                .bind(per_tick as i64)
+                .bind(users as i64)
+                .execute(&producers)
+                .await;
+                if let Err(e) = r {
+                    eprintln!("  soak producer: {e}");
+                }
+                n += per_tick;
+                enqueued.store(n, std::sync::atomic::Ordering::Relaxed);
+            }
+        })
+    };
+    let started = Instant::now();
+    let mut samples = Vec::new();
+    loop {
+        let elapsed = started.elapsed().as_secs();
+        let (live, dead, bytes): (i64, i64, i64) = sqlx::query_as(
+            "SELECT n_live_tup, n_dead_tup, pg_total_relation_size('apalis.jobs')
+             FROM pg_stat_user_tables WHERE schemaname = 'apalis' AND relname = 'jobs'",
+        )
+        .fetch_one(pool)
+        .await?;
+        let backlog: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM notify.events WHERE id > $1 AND outcome IS NULL",
+        )
+        .bind(first_id)
+        .fetch_one(pool)
+        .await?;
+        let sample = SoakSample {
+            secs: elapsed,
+            worker_rss_mib: workers.iter().map(|w| current_rss_mib(w.id())).collect(),
+            jobs_live: live,
+            jobs_dead: dead,
+            jobs_mib: bytes as f64 / (1024.0 * 1024.0),
+            enqueued: enqueued.load(std::sync::atomic::Ordering::Relaxed),
+            backlog,
+        };
+        eprintln!(
+            "  soak t={:>4}s rss {:?} MiB, apalis.jobs live {} dead {} ({:.1} MiB), enqueued {}, backlog {}",
+            sample.secs,
+            sample
+                .worker_rss_mib
+                .iter()
+                .map(|m| (m * 10.0).round() / 10.0)
+                .collect::<Vec<_>>(),
+            sample.jobs_live,
+            sample.jobs_dead,
+            sample.jobs_mib,
+            sample.enqueued,
+            sample.backlog
+        );
+        samples.push(sample);
+        if elapsed >= args.soak_secs {
+            break;
+        }
+        let next = Duration::from_secs(args.soak_sample_secs.max(1) * samples.len() as u64);
+        tokio::time::sleep(next.saturating_sub(started.elapsed())).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = producer.await;
+    producers.close().await;
+    Ok(samples)
+}
+
 fn stop_workers(workers: &mut [Child]) {
     for w in workers.iter() {
         // SIGTERM, the graceful path.
@@ -364,38 +514,90 @@ async fn drain(
     Ok((rate, wall, rss, workers))
 }
 
-async fn latency(
-    pool: &PgPool,
-    url: &str,
-    args: &BenchArgs,
-) -> anyhow::Result<(u64, Option<f64>, Option<f64>, Option<f64>)> {
+/// Latency figures of phase 3, in milliseconds.
+#[derive(Debug, Default)]
+struct Latencies {
+    events: u64,
+    /// Client side: from just before the producer sends its INSERT to the moment the
+    /// bench hears the worker's commit announcement for that user (the notification is
+    /// committed, hence readable, by then).
+    readable: Option<Percentiles>,
+    /// Database clock: notification stamp minus event stamp (excludes the commit).
+    stamp: Option<Percentiles>,
+}
+
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+struct Percentiles {
+    p50: f64,
+    p99: f64,
+    max: f64,
+}
+
+fn percentiles(mut ms: Vec<f64>) -> Option<Percentiles> {
+    if ms.is_empty() {
+        return None;
+    }
+    ms.sort_by(f64::total_cmp);
+    let at = |q: f64| ms[((ms.len() as f64 * q).ceil() as usize).clamp(1, ms.len()) - 1];
+    Some(Percentiles {
+        p50: at(0.50),
+        p99: at(0.99),
+        max: ms[ms.len() - 1],
+    })
+}
+
+async fn latency(pool: &PgPool, url: &str, args: &BenchArgs) -> anyhow::Result<Latencies> {
     let first_id: i64 = sqlx::query_scalar("SELECT COALESCE(max(id), 0) FROM notify.events")
         .fetch_one(pool)
         .await?;
+    // Every probe has a user of its own, so the worker's announcement for that user
+    // (`[[user, max_id], ...]`, sent on commit) tells when this very event became readable.
+    let mut listener = sqlx::postgres::PgListener::connect(url).await?;
+    listener.listen(crate::store::ANNOUNCE_CHANNEL).await?;
+    let heard = tokio::spawn(async move {
+        let mut first_heard: std::collections::HashMap<String, Instant> = Default::default();
+        while let Ok(Some(n)) = listener.try_recv().await {
+            let at = Instant::now();
+            if let Ok(pairs) = serde_json::from_str::<Vec<(String, i64)>>(n.payload()) {
+                for (user, _) in pairs {
+                    first_heard.entry(user).or_insert(at);
+                }
+            }
+        }
+        first_heard
+    });
+
     let producers = db::connect(url, 16, "notifyd-bench-producer").await?;
     let total = args.rate * args.latency_secs;
     let interval = Duration::from_secs_f64(1.0 / args.rate as f64);
     let start = tokio::time::Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
+    let mut sent: Vec<Option<Instant>> = vec![None; total as usize];
+    let mut record = |r: Result<Result<(u64, Instant), sqlx::Error>, tokio::task::JoinError>| {
+        let (i, at) = r??;
+        sent[i as usize] = Some(at);
+        Ok::<(), anyhow::Error>(())
+    };
     for i in 0..total {
         tokio::time::sleep_until(start + interval.mul_f64(i as f64)).await;
         let p = producers.clone();
-        let users = args.users;
         tasks.spawn(async move {
+            let at = Instant::now();
             sqlx::query(
                 "INSERT INTO notify.events (user_id, event_type, body) VALUES ($1, 'new_message', $2)",
             )
-            .bind(format!("lat{}", i % users))
+            .bind(format!("lat{i}"))
             .bind(format!("Latency probe {i}"))
             .execute(&p)
             .await
+            .map(|_| (i, at))
         });
         while let Some(r) = tasks.try_join_next() {
-            r??;
+            record(r)?;
         }
     }
     while let Some(r) = tasks.join_next().await {
-        r??;
+        record(r)?;
     }
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
@@ -411,25 +613,47 @@ async fn latency(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     producers.close().await;
-    let (n, p50, p99, max): (i64, Option<f64>, Option<f64>, Option<f64>) = sqlx::query_as(
-        "SELECT count(*),
-                percentile_cont(0.5) WITHIN GROUP (ORDER BY ms),
-                percentile_cont(0.99) WITHIN GROUP (ORDER BY ms),
-                max(ms)
-         FROM (SELECT EXTRACT(EPOCH FROM n.created_at - e.created_at)::float8 * 1000 AS ms
-               FROM notify.events e JOIN notify.notifications n ON n.event_id = e.id
-               WHERE e.id > $1) AS l",
+    // The last announcements are already on their way once every event has an outcome.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    heard.abort();
+    let first_heard = heard.await.unwrap_or_default();
+
+    let readable: Vec<f64> = sent
+        .iter()
+        .enumerate()
+        .filter_map(|(i, at)| {
+            let heard = first_heard.get(&format!("lat{i}"))?;
+            Some(heard.saturating_duration_since((*at)?).as_secs_f64() * 1e3)
+        })
+        .collect();
+    let stamps: Vec<f64> = sqlx::query_scalar(
+        "SELECT EXTRACT(EPOCH FROM n.created_at - e.created_at)::float8 * 1000
+         FROM notify.events e JOIN notify.notifications n ON n.event_id = e.id
+         WHERE e.id > $1",
     )
     .bind(first_id)
-    .fetch_one(pool)
+    .fetch_all(pool)
     .await?;
+    let out = Latencies {
+        events: total,
+        readable: percentiles(readable.clone()),
+        stamp: percentiles(stamps),
+    };
+    let show = |p: Option<Percentiles>| {
+        p.map_or("-".to_owned(), |p| {
+            format!(
+                "p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+                p.p50, p.p99, p.max
+            )
+        })
+    };
     eprintln!(
-        "  latency: {n} events, p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
-        p50.unwrap_or(f64::NAN),
-        p99.unwrap_or(f64::NAN),
-        max.unwrap_or(f64::NAN)
+        "  latency: {total} events, {} heard; enqueue to readable: {}; db stamps: {}",
+        readable.len(),
+        show(out.readable),
+        show(out.stamp)
     );
-    Ok((n as u64, p50, p99, max))
+    Ok(out)
 }
 
 fn with_database(url: &str, db: &str) -> anyhow::Result<String> {
@@ -462,17 +686,38 @@ fn print_report(r: &Report) {
         "  ratio drain / ceiling:        {}",
         r.ratio_to_ceiling.map_or("-".into(), |v| format!("{v:.3}"))
     );
+    let p = |v: Option<Percentiles>| {
+        v.map_or("-".to_owned(), |v| {
+            format!(
+                "p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+                v.p50, v.p99, v.max
+            )
+        })
+    };
     println!(
-        "  latency at {} events/s ({} events): p50 {} ms, p99 {} ms, max {} ms",
-        r.latency_rate,
-        r.latency_events,
-        f(r.latency_p50_ms),
-        f(r.latency_p99_ms),
-        f(r.latency_max_ms)
+        "  latency at {} events/s ({} events)",
+        r.latency_rate, r.latency_events
+    );
+    println!(
+        "    enqueue to readable (client): {}",
+        p(r.latency_readable_ms)
+    );
+    println!(
+        "    db stamps (event to row):     {}",
+        p(r.latency_stamp_ms)
     );
     println!(
         "  worker peak RSS (MiB):        {:?}",
         r.worker_peak_rss_mib
     );
+    if let (Some(first), Some(last)) = (r.soak.first(), r.soak.last()) {
+        let max_dead = r.soak.iter().map(|s| s.jobs_dead).max().unwrap_or(0);
+        let max_mib = r.soak.iter().map(|s| s.jobs_mib).fold(0.0, f64::max);
+        let max_backlog = r.soak.iter().map(|s| s.backlog).max().unwrap_or(0);
+        println!(
+            "  soak {} s: worker RSS {:?} -> {:?} MiB; apalis.jobs at most {} dead tuples, {:.1} MiB; backlog at most {}",
+            last.secs, first.worker_rss_mib, last.worker_rss_mib, max_dead, max_mib, max_backlog
+        );
+    }
     println!("JSON {}", serde_json::to_string(r).unwrap_or_default());
 }
