@@ -70,9 +70,10 @@
 
   const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
+  // Exponential backoff with jitter, capped by the server's `retry:` hint when it sent one.
   function backoff(attempt) {
-    const base = state.serverRetryMs !== null ? state.serverRetryMs : BACKOFF_BASE_MS;
-    const ms = Math.min(BACKOFF_MAX_MS, base * Math.pow(2, Math.max(0, attempt - 1)));
+    const cap = state.serverRetryMs !== null ? Math.max(state.serverRetryMs, BACKOFF_BASE_MS) : BACKOFF_MAX_MS;
+    const ms = Math.min(cap, BACKOFF_BASE_MS * Math.pow(2, Math.max(0, attempt - 1)));
     return Math.round(ms * (0.5 + Math.random() * 0.5));
   }
 
