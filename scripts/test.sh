@@ -8,6 +8,11 @@
 # The tests create their own databases on the DATABASE_URL server, so its role needs
 # CREATEDB (the private cluster's `postgres` superuser has it). Uses cargo-nextest when
 # installed, else cargo test.
+#
+# Installs what the tests need when it is missing (each step is a no-op when it is there):
+# psycopg 3 for python3, Debian's chromium and node (tests/browser.rs), the browser tests'
+# node modules (`npm ci` in tests/browser, again only when package-lock.json changed), and
+# schemathesis in the venv .notifyd/venv (tests/fuzz_api.rs, via NOTIFYD_SCHEMATHESIS).
 set -euo pipefail
 # shellcheck source=scripts/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -43,6 +48,64 @@ ensure_psycopg() {
     die "could not make psycopg 3 importable by $(command -v python3); install it (pip install 'psycopg[binary]') and retry"
 }
 
+# The browser tests (tests/browser.rs) drive Debian's Chromium with playwright-core.
+ensure_chromium() {
+    local bin="${CHROMIUM:-/usr/bin/chromium}"
+    [[ -x "$bin" ]] && return 0
+    [[ -n "${CHROMIUM:-}" ]] && die "CHROMIUM=$CHROMIUM is not an executable"
+    apt_install chromium || die "could not install chromium with apt-get (the browser tests need /usr/bin/chromium)"
+    [[ -x "$bin" ]] || die "apt-get installed chromium, but $bin is not there"
+}
+
+ensure_node() {
+    if ! have node || ! have npm; then
+        apt_install nodejs npm || die "node and npm are needed for the browser tests; install Node.js >= 18"
+    fi
+    local major
+    major=$(node -p 'process.versions.node.split(".")[0]')
+    [[ "$major" -ge 18 ]] || die "node $(node --version) is too old for the browser tests: install Node.js >= 18"
+}
+
+# tests/browser/node_modules from the committed lock file, with `npm ci` only when it is
+# missing or was installed from another lock file (a hash of it is kept beside the modules).
+ensure_node_modules() {
+    local dir="$NOTIFYD_REPO/tests/browser" stamp want
+    stamp="$dir/node_modules/.notifyd-lock.sha256"
+    want=$(sha256sum "$dir/package-lock.json" | cut -d' ' -f1)
+    if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" && -d "$dir/node_modules/playwright-core" ]]; then
+        return 0
+    fi
+    log "installing the browser tests' node modules (npm ci in tests/browser)"
+    (cd "$dir" && npm ci --no-audit --no-fund --loglevel=error) || die "npm ci in tests/browser failed"
+    printf '%s\n' "$want" > "$stamp"
+}
+
+# schemathesis (tests/fuzz_api.rs) in its own venv, .notifyd/venv; the test finds it
+# through NOTIFYD_SCHEMATHESIS.
+SCHEMATHESIS_VERSION=4.32.5
+ensure_schemathesis() {
+    local venv="$NOTIFYD_STATE/venv" bin
+    bin="$venv/bin/schemathesis"
+    export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
+    if [[ -x "$bin" ]] && "$bin" --version 2>/dev/null | grep -qF "version $SCHEMATHESIS_VERSION"; then
+        export NOTIFYD_SCHEMATHESIS="$bin"
+        return 0
+    fi
+    if [[ ! -x "$venv/bin/pip" ]]; then
+        rm -rf "$venv"
+        mkdir -p "$NOTIFYD_STATE"
+        if ! python3 -m venv "$venv"; then
+            rm -rf "$venv"
+            apt_install python3-venv || die "python3 cannot make a venv (install python3-venv)"
+            python3 -m venv "$venv" || die "python3 -m venv $venv failed"
+        fi
+    fi
+    log "installing schemathesis $SCHEMATHESIS_VERSION into $venv"
+    "$venv/bin/pip" install --quiet "schemathesis==$SCHEMATHESIS_VERSION" \
+        || die "pip could not install schemathesis $SCHEMATHESIS_VERSION into $venv"
+    export NOTIFYD_SCHEMATHESIS="$bin"
+}
+
 # rustfmt and clippy come with rustup's default profile; add them if missing.
 ensure_component() {
     local sub="$1" component="$2"
@@ -67,6 +130,16 @@ log "tests use $(redact_url "$DATABASE_URL")"
 begin "Python: psycopg 3"
 ensure_psycopg
 python3 -c 'import psycopg, sys; print("python", sys.version.split()[0], "psycopg", psycopg.__version__)'
+
+begin "Browser tests: chromium and node modules"
+ensure_chromium
+ensure_node
+ensure_node_modules
+log "$("${CHROMIUM:-/usr/bin/chromium}" --version 2>/dev/null || echo chromium), node $(node --version)"
+
+begin "API fuzzing: schemathesis"
+ensure_schemathesis
+"$NOTIFYD_SCHEMATHESIS" --version
 
 ensure_cargo
 locked=()
