@@ -14,15 +14,23 @@
 //! * `after` above anything this user ever had (newest id and horizon): 400
 //!   `invalid_cursor` (for example a cursor kept across a change of user).
 //!
+//! Long-poll: `wait=S` (with `after`, at most [`MAX_WAIT`]) holds an empty answer until a
+//! newer notification exists or `S` seconds pass, then answers as above. The waiter
+//! subscribes to the user's announcements ([`super::hub`]) *before* its first read, so a
+//! notification committed after that read always wakes it. The request timeout runs on
+//! top of the wait ([`wait_allowance`]).
+//!
 //! How an answer is decided (see `watermark.rs` for why the cache can be trusted):
 //! 1. cached snapshot, `after ≥` the feed's newest id: answer from memory, no query;
 //! 2. cached snapshot, something newer: one page query; unread count from the cache;
 //! 3. no snapshot (or no `after`): one statement for page and snapshot, which refills
 //!    the cache.
 
+use std::time::Duration;
+
 use axum::Json;
 use axum::extract::{RawQuery, State};
-use axum::http::header;
+use axum::http::{Uri, header};
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -31,12 +39,15 @@ use utoipa::{IntoParams, ToSchema};
 use super::AppState;
 use super::auth::{CurrentUser, UserId};
 use super::error::{ApiError, ErrorBody};
+use super::hub::Wake;
 use super::reads::{self, Feed, PageRows};
 
 /// Page size when `limit` is absent.
 pub const DEFAULT_LIMIT: i64 = 50;
 /// Largest `limit` accepted.
 pub const MAX_LIMIT: i64 = 200;
+/// Longest long-poll `wait` accepted, in seconds.
+pub const MAX_WAIT: u64 = 30;
 
 /// One notification. The text is plain text (markup was removed when it was stored):
 /// render it as text, never as HTML.
@@ -164,6 +175,11 @@ pub struct PageParams {
     /// Page size, 1 to 200.
     #[param(minimum = 1, maximum = 200, default = 50)]
     pub limit: Option<i64>,
+    /// Long-poll: when nothing is newer than `after`, hold the request up to this many
+    /// seconds (0 to 30) until something is, then answer as usual (an empty page when
+    /// the wait runs out). Requires `after`.
+    #[param(minimum = 0, maximum = 30, example = 25)]
+    pub wait: Option<u64>,
 }
 
 /// Parsed query parameters.
@@ -171,24 +187,29 @@ pub struct PageParams {
 pub struct PageQuery {
     pub after: Option<i64>,
     pub limit: i64,
+    /// A long-poll wait (never zero: `wait=0` is no wait).
+    pub wait: Option<Duration>,
 }
 
 impl PageQuery {
-    /// Parse a raw query string strictly: only `after` and `limit`, each at most once,
-    /// each a plain decimal integer in range.
+    /// Parse a raw query string strictly: only `after`, `limit` and `wait`, each at most
+    /// once, each a plain decimal integer in range, and `wait` only with `after`.
     pub fn parse(query: Option<&str>) -> Result<Self, ApiError> {
         let mut after = None;
         let mut limit = None;
+        let mut wait = None;
         for (key, value) in url::form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
             let slot = match &*key {
                 "after" => &mut after,
                 "limit" => &mut limit,
+                "wait" => &mut wait,
                 other => {
                     let shown: String = other.chars().take(40).collect();
                     return Err(ApiError::bad_request(
                         "unknown_parameter",
                         format!(
-                            "unknown query parameter `{shown}`: only `after` and `limit` are accepted"
+                            "unknown query parameter `{shown}`: only `after`, `limit` and \
+                             `wait` are accepted"
                         ),
                     ));
                 }
@@ -221,8 +242,51 @@ impl PageQuery {
                     )
                 })?,
         };
-        Ok(PageQuery { after, limit })
+        let wait = match wait {
+            None => None,
+            Some(v) => {
+                let secs = decimal(&v)
+                    .and_then(|n| u64::try_from(n).ok())
+                    .filter(|n| *n <= MAX_WAIT)
+                    .ok_or_else(|| {
+                        ApiError::bad_request(
+                            "invalid_parameter",
+                            format!("`wait` must be a number of seconds from 0 to {MAX_WAIT}"),
+                        )
+                    })?;
+                if after.is_none() {
+                    return Err(ApiError::bad_request(
+                        "invalid_parameter",
+                        "`wait` needs `after`: a long-poll waits for notifications newer \
+                         than a cursor",
+                    ));
+                }
+                (secs > 0).then(|| Duration::from_secs(secs))
+            }
+        };
+        Ok(PageQuery { after, limit, wait })
     }
+}
+
+/// How long a request may wait on top of the request timeout: the `wait` of a valid
+/// long-poll, else nothing. Lenient on purpose (the handler rejects a bad `wait` at
+/// once, so a bad one needs no allowance); it runs before routing, on every request.
+pub fn wait_allowance(uri: &Uri) -> Duration {
+    if !matches!(
+        uri.path(),
+        "/api/notifications" | "/api/notifications/unread"
+    ) {
+        return Duration::ZERO;
+    }
+    let Some(query) = uri.query().filter(|q| q.contains("wait=")) else {
+        return Duration::ZERO;
+    };
+    url::form_urlencoded::parse(query.as_bytes())
+        .find(|(k, _)| k == "wait")
+        .and_then(|(_, v)| decimal(&v))
+        .and_then(|n| u64::try_from(n).ok())
+        .filter(|n| *n <= MAX_WAIT)
+        .map_or(Duration::ZERO, Duration::from_secs)
 }
 
 /// A non-negative decimal integer without sign, spaces or exponent.
@@ -258,7 +322,7 @@ pub async fn list(
     RawQuery(query): RawQuery,
 ) -> Result<NotificationPage, ApiError> {
     let query = PageQuery::parse(query.as_deref())?;
-    read(&state, &user, Feed::All, query).await
+    answer(&state, &user, Feed::All, query).await
 }
 
 /// List this user's unread notifications (same shape and cursor rules).
@@ -286,11 +350,62 @@ pub async fn unread(
     RawQuery(query): RawQuery,
 ) -> Result<NotificationPage, ApiError> {
     let query = PageQuery::parse(query.as_deref())?;
-    read(&state, &user, Feed::Unread, query).await
+    answer(&state, &user, Feed::Unread, query).await
+}
+
+/// A page now, or, for a long-poll, as soon as it is not empty (or the wait is over).
+async fn answer(
+    state: &AppState,
+    user: &UserId,
+    feed: Feed,
+    query: PageQuery,
+) -> Result<NotificationPage, ApiError> {
+    let (Some(wait), Some(after)) = (query.wait, query.after) else {
+        return read(state, user, feed, query).await;
+    };
+    let deadline = tokio::time::Instant::now() + wait;
+    // Subscribe before the first read: whatever commits after it wakes us.
+    // Long-polls are not capped: the only refusal is shutdown, which answers at once.
+    let Ok(mut subscription) = state.hub().subscribe(user.as_str(), false) else {
+        return read(state, user, feed, query).await;
+    };
+    loop {
+        let page = read(state, user, feed, query).await?;
+        if !page.notifications.is_empty() {
+            return Ok(page);
+        }
+        match tokio::time::timeout_at(deadline, subscription.changed(after)).await {
+            Ok(Wake::Check) => {}
+            Ok(Wake::Closing) => return Ok(page),
+            // The wait is over: answer with a fresh read (the unread count may have
+            // changed meanwhile; usually it comes from memory).
+            Err(_) => return read(state, user, feed, query).await,
+        }
+    }
+}
+
+/// The cursor a client that holds none starts a stream from: everything this user has
+/// now counts as seen (the ceiling of its snapshot, so never an expired cursor).
+pub async fn newest(state: &AppState, user: &UserId) -> Result<i64, ApiError> {
+    let uid = user.as_str();
+    let cache = state.cache();
+    if let Some(snapshot) = cache.lookup(uid) {
+        state.metrics().count_cache_answer();
+        return Ok(snapshot.ceiling());
+    }
+    let ticket = cache.begin_fill(uid);
+    state.metrics().count_query();
+    // No row is above i64::MAX: the statement reads the snapshot only.
+    let (_, snapshot) =
+        reads::page_with_snapshot(state.pool(), uid, Feed::All, Some(i64::MAX), 1).await?;
+    if let Some(ticket) = ticket {
+        cache.complete_fill(uid, ticket, snapshot);
+    }
+    Ok(snapshot.ceiling())
 }
 
 /// Decide one page (see the module docs for the three paths).
-async fn read(
+pub async fn read(
     state: &AppState,
     user: &UserId,
     feed: Feed,
@@ -490,20 +605,44 @@ mod tests {
             ok(""),
             PageQuery {
                 after: None,
-                limit: 50
+                limit: 50,
+                wait: None,
             }
         );
         assert_eq!(
             ok("after=0&limit=200"),
             PageQuery {
                 after: Some(0),
-                limit: 200
+                limit: 200,
+                wait: None,
             }
         );
         assert_eq!(
             ok("limit=1&after=9223372036854775807").after,
             Some(i64::MAX)
         );
+    }
+
+    #[test]
+    fn long_poll_waits() {
+        assert_eq!(ok("after=5&wait=30").wait, Some(Duration::from_secs(30)));
+        assert_eq!(ok("wait=1&after=0").wait, Some(Duration::from_secs(1)));
+        assert_eq!(ok("after=5&wait=0").wait, None);
+        let allowance = |uri: &str| wait_allowance(&uri.parse().unwrap());
+        assert_eq!(
+            allowance("/api/notifications?after=1&wait=25"),
+            Duration::from_secs(25)
+        );
+        assert_eq!(
+            allowance("/api/notifications/unread?wait=3&after=1"),
+            Duration::from_secs(3)
+        );
+        assert_eq!(
+            allowance("/api/notifications?after=1&wait=31"),
+            Duration::ZERO
+        );
+        assert_eq!(allowance("/api/notifications?after=1"), Duration::ZERO);
+        assert_eq!(allowance("/healthz?wait=30"), Duration::ZERO);
     }
 
     #[test]
@@ -523,10 +662,17 @@ mod tests {
             "limit=x",
             "limit=1e2",
             "after=%201",
+            "after=1&wait=31",
+            "after=1&wait=-1",
+            "after=1&wait=1.5",
+            "after=1&wait=",
+            "after=1&wait=1&wait=2",
+            "wait=5",
         ] {
             assert_eq!(code(q), "invalid_parameter", "{q}");
         }
         assert_eq!(code("user_id=7"), "unknown_parameter");
+        assert_eq!(code("after=1&Wait=5"), "unknown_parameter");
         assert_eq!(code("after=1&foo"), "unknown_parameter");
     }
 }

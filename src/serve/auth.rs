@@ -9,8 +9,10 @@
 //!   required when configured; a token with an `aud` is rejected when no audience is
 //!   configured (RFC 7519 §4.1.3); clock skew is tolerated up to the configured leeway;
 //! * `sub` must look like a notifyd user id (1–128 characters, no whitespace or control
-//!   characters), and it is the only way a request names a user: [`CurrentUser`] is the
-//!   only source of a [`UserId`] in the handlers;
+//!   characters), and it is the only way a request names a user: [`admit`] (behind
+//!   [`CurrentUser`]) is the only source of a [`UserId`] in the handlers. The token comes
+//!   from the `Authorization` header; the stream endpoint alone also takes it from the
+//!   `access_token` query parameter (browsers' `EventSource` cannot set headers);
 //! * every failure is a 401 with a JSON body; the token itself is never logged or echoed.
 
 use std::path::PathBuf;
@@ -18,6 +20,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use axum::extract::FromRequestParts;
+use axum::http::HeaderMap;
 use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
 use clap::Args;
@@ -258,25 +261,40 @@ impl FromRequestParts<AppState> for CurrentUser {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let mut values = parts.headers.get_all(AUTHORIZATION).iter();
-        let value = values
-            .next()
-            .ok_or(ApiError::Unauthorized(AuthFailure::Missing))?;
-        if values.next().is_some() {
-            return Err(ApiError::Unauthorized(AuthFailure::Invalid));
-        }
-        let token = Verifier::bearer(value.as_bytes()).map_err(ApiError::Unauthorized)?;
-        let user = state
-            .verifier()
-            .verify(token)
-            .map_err(ApiError::Unauthorized)?;
-        tracing::Span::current().record("user", user.as_str());
-        state
-            .limiter()
-            .check(user.as_str())
-            .map_err(|retry_after| ApiError::RateLimited { retry_after })?;
-        Ok(CurrentUser(user))
+        let token =
+            header_token(&parts.headers)?.ok_or(ApiError::Unauthorized(AuthFailure::Missing))?;
+        admit(state, token).map(CurrentUser)
     }
+}
+
+/// The bearer token of the `Authorization` header: `None` without one, an error for a
+/// malformed one or for more than one.
+pub fn header_token(headers: &HeaderMap) -> Result<Option<&str>, ApiError> {
+    let mut values = headers.get_all(AUTHORIZATION).iter();
+    let Some(value) = values.next() else {
+        return Ok(None);
+    };
+    if values.next().is_some() {
+        return Err(ApiError::Unauthorized(AuthFailure::Invalid));
+    }
+    Verifier::bearer(value.as_bytes())
+        .map(Some)
+        .map_err(ApiError::Unauthorized)
+}
+
+/// Verify `token`, then spend one request of its user's budget: what every way of
+/// authenticating a request ends with.
+pub fn admit(state: &AppState, token: &str) -> Result<UserId, ApiError> {
+    let user = state
+        .verifier()
+        .verify(token)
+        .map_err(ApiError::Unauthorized)?;
+    tracing::Span::current().record("user", user.as_str());
+    state
+        .limiter()
+        .check(user.as_str())
+        .map_err(|retry_after| ApiError::RateLimited { retry_after })?;
+    Ok(user)
 }
 
 #[derive(Serialize)]

@@ -36,6 +36,10 @@ pub enum ApiError {
     CursorExpired,
     #[error("too many requests")]
     RateLimited { retry_after: Duration },
+    #[error("too many streams for this user")]
+    TooManyStreams,
+    #[error("too many streams in this process")]
+    StreamsFull,
     #[error("not found")]
     NotFound,
     #[error("method not allowed")]
@@ -108,6 +112,20 @@ impl ApiError {
                 "rate_limited",
                 "too many requests for this user; retry after the Retry-After delay".into(),
             ),
+            ApiError::TooManyStreams => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_streams",
+                "this user has too many notification streams open; close one (another tab?) \
+                 or retry after the Retry-After delay"
+                    .into(),
+            ),
+            ApiError::StreamsFull => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "streams_full",
+                "this server holds as many notification streams as it may; retry after the \
+                 Retry-After delay (or poll meanwhile)"
+                    .into(),
+            ),
             ApiError::NotFound => (
                 StatusCode::NOT_FOUND,
                 "not_found",
@@ -162,8 +180,9 @@ pub struct ErrorBody {
 pub struct ErrorDetail {
     /// Stable, machine-readable code: `missing_token`, `invalid_token`, `token_expired`,
     /// `invalid_parameter`, `unknown_parameter`, `invalid_cursor`, `cursor_expired`,
-    /// `rate_limited`, `not_found`, `method_not_allowed`, `headers_too_large`,
-    /// `uri_too_long`, `body_too_large`, `timeout`, `unavailable`, `internal`.
+    /// `rate_limited`, `too_many_streams`, `streams_full`, `not_found`,
+    /// `method_not_allowed`, `headers_too_large`, `uri_too_long`, `body_too_large`,
+    /// `timeout`, `unavailable`, `internal`.
     #[schema(example = "invalid_parameter")]
     pub code: String,
     /// Human-readable explanation, for developers (not for end users).
@@ -178,7 +197,9 @@ impl IntoResponse for ApiError {
             ApiError::Internal(cause) => {
                 tracing::error!(error = %format!("{cause:#}"), "internal error")
             }
-            ApiError::Unavailable | ApiError::Timeout => tracing::warn!(code, "request failed"),
+            ApiError::Unavailable | ApiError::Timeout | ApiError::StreamsFull => {
+                tracing::warn!(code, "request failed")
+            }
             _ => {}
         }
         let body = ErrorBody {
@@ -207,11 +228,22 @@ impl IntoResponse for ApiError {
             ApiError::Unavailable | ApiError::Timeout => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
+            // Stream slots free up when clients leave, not on a schedule: a few seconds
+            // keeps reconnect loops slow without stranding a client for long.
+            ApiError::TooManyStreams | ApiError::StreamsFull => {
+                headers.insert(
+                    header::RETRY_AFTER,
+                    HeaderValue::from_static(STREAM_RETRY_AFTER_SECS),
+                );
+            }
             _ => {}
         }
         response
     }
 }
+
+/// `Retry-After` of a refused stream, in seconds.
+pub const STREAM_RETRY_AFTER_SECS: &str = "5";
 
 /// Whole seconds for `Retry-After`, rounded up, at least 1 (0 would invite a retry storm).
 pub fn retry_after_secs(wait: Duration) -> u64 {

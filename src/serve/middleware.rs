@@ -5,15 +5,19 @@
 //! * every response, errors and CORS preflights included, carries `Cache-Control:
 //!   no-store`, `X-Content-Type-Options: nosniff`, `Content-Security-Policy: default-src
 //!   'none'; frame-ancestors 'none'`, `X-Frame-Options: DENY` and `Referrer-Policy:
-//!   no-referrer`;
+//!   no-referrer`; only the demo page and its assets (demo mode) get the page policy of
+//!   [`super::demo::PAGE_CSP`] instead;
 //! * CORS is off unless origins are configured; when on, only those origins, only GET
-//!   and HEAD, only the `Authorization` header, never credentials (tokens are bearer
-//!   tokens, not cookies);
+//!   and HEAD, only the `Authorization` and `Last-Event-ID` headers, never credentials
+//!   (tokens are bearer tokens, not cookies);
 //! * request logs carry method, path, status, latency and the authenticated user id,
-//!   never a header value and never the query string; the token cannot reach a log;
+//!   never a header value and never the query string; the token cannot reach a log, not
+//!   even the stream's `?access_token=`;
 //! * a request with more than [`MAX_HEADER_BYTES`] of headers, a URI longer than
 //!   [`MAX_URI_BYTES`] or a body is refused before any handler runs, with the usual JSON
-//!   error; one that takes longer than the request timeout is answered 503.
+//!   error; one that takes longer than the request timeout (plus a long-poll's `wait`)
+//!   to produce its response head is answered 503. A streamed body (SSE) is not under
+//!   the timeout.
 
 use std::time::Duration;
 
@@ -28,6 +32,8 @@ use tower_http::trace::{DefaultOnResponse, TraceLayer};
 use tracing::Level;
 
 use super::AppState;
+use super::api::wait_allowance;
+use super::demo::{DemoPage, PAGE_CSP};
 use super::error::ApiError;
 
 /// Sum of header names and values accepted in one request.
@@ -36,6 +42,8 @@ pub const MAX_HEADER_BYTES: usize = 16 * 1024;
 pub const MAX_URI_BYTES: usize = 2048;
 /// Largest request body accepted. No endpoint reads one.
 pub const MAX_BODY_BYTES: u64 = 0;
+
+const LAST_EVENT_ID: HeaderName = HeaderName::from_static("last-event-id");
 
 const SECURITY_HEADERS: [(HeaderName, &str); 5] = [
     (header::CACHE_CONTROL, "no-store"),
@@ -49,9 +57,16 @@ const SECURITY_HEADERS: [(HeaderName, &str); 5] = [
 ];
 
 pub async fn security_headers(mut response: Response) -> Response {
+    let page = response.extensions().get::<DemoPage>().is_some();
     let headers = response.headers_mut();
     for (name, value) in SECURITY_HEADERS {
         headers.insert(name, HeaderValue::from_static(value));
+    }
+    if page {
+        headers.insert(
+            header::CONTENT_SECURITY_POLICY,
+            HeaderValue::from_static(PAGE_CSP),
+        );
     }
     response
 }
@@ -85,7 +100,9 @@ pub async fn limits(request: Request, next: Next) -> Response {
 }
 
 pub async fn timeout(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    match tokio::time::timeout(state.request_timeout(), next.run(request)).await {
+    // A long-poll may hold its answer for `wait`; the timeout runs on top of that.
+    let limit = state.request_timeout() + wait_allowance(request.uri());
+    match tokio::time::timeout(limit, next.run(request)).await {
         Ok(response) => response,
         Err(_) => ApiError::Timeout.into_response(),
     }
@@ -101,7 +118,7 @@ pub fn cors(origins: &[HeaderValue]) -> Option<CorsLayer> {
         CorsLayer::new()
             .allow_origin(AllowOrigin::list(origins.iter().cloned()))
             .allow_methods([Method::GET, Method::HEAD])
-            .allow_headers([header::AUTHORIZATION])
+            .allow_headers([header::AUTHORIZATION, LAST_EVENT_ID])
             .expose_headers([header::RETRY_AFTER])
             .allow_credentials(false)
             .max_age(Duration::from_secs(600)),

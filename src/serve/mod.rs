@@ -1,10 +1,12 @@
 //! The read service, `notifyd serve`: each user's notifications over HTTP, read-only,
-//! authenticated with the backend's JWTs. Also `notifyd token`, a development helper.
+//! authenticated with the backend's JWTs, by polling, long-polling or Server-Sent Events.
+//! Also `notifyd token`, a development helper, and an opt-in demo inbox ([`demo`]).
 //!
 //! A request goes through, in order: request log span → security headers → CORS (when
 //! configured) → size limits → timeout → router → [`auth::CurrentUser`] (token, then the
-//! per-user request limit) → handler ([`api`]) → cache ([`watermark`]) or SQL ([`reads`],
-//! one round trip on a [`connections::ReadPool`] connection).
+//! per-user request limit) → handler ([`api`], [`stream`]) → cache ([`watermark`]) or SQL
+//! ([`reads`], one round trip on a [`connections::ReadPool`] connection). Long-polls and
+//! streams then wait in memory on the [`hub`], which the same LISTEN connection feeds.
 //!
 //! Invariants:
 //! * the only user a handler can read is the token's `sub` ([`auth::CurrentUser`]);
@@ -12,8 +14,11 @@
 //! * an empty poll (nothing newer than the cursor) is answered from memory while the
 //!   LISTEN connection is up, and from the database otherwise; both give the same answer;
 //! * every error is a JSON `{"error": {"code", "message"}}` ([`error::ApiError`]);
-//! * shutdown: on the signal the server stops accepting, finishes in-flight requests for
-//!   at most the shutdown timeout, and returns.
+//! * an idle stream or long-poll costs no database work; one LISTEN connection per
+//!   process serves them all ([`hub`]);
+//! * shutdown: on the signal the server stops accepting, ends every stream and answers
+//!   every long-poll at once ([`hub::Hub::close`]), finishes in-flight requests for at
+//!   most the shutdown timeout, and returns.
 //!
 //! `app(state)` builds the router (tests use it); [`Service`] owns the background tasks
 //! (LISTEN, periodic sweeps); [`run`] wires both to the command line.
@@ -21,11 +26,14 @@
 pub mod api;
 pub mod auth;
 pub mod connections;
+pub mod demo;
 pub mod error;
+pub mod hub;
 pub mod limit;
 pub mod middleware;
 pub mod openapi;
 pub mod reads;
+pub mod stream;
 pub mod watermark;
 
 use std::num::NonZeroU32;
@@ -48,6 +56,8 @@ use tokio::task::JoinHandle;
 use crate::db;
 use auth::{JwtArgs, Verifier};
 use connections::ReadPool;
+use demo::Demo;
+use hub::{Hub, StreamLimits};
 use limit::{UserLimiter, UserRate};
 use watermark::{CacheSettings, Watermarks};
 
@@ -115,6 +125,67 @@ pub struct ServeArgs {
     #[arg(long, env = "NOTIFYD_CACHE_MAX_USERS", default_value_t = 100_000,
           value_parser = clap::value_parser!(u64).range(64..=100_000_000))]
     pub cache_max_users: u64,
+
+    #[command(flatten)]
+    pub stream: StreamArgs,
+
+    #[command(flatten)]
+    pub demo: DemoArgs,
+}
+
+/// Settings of the notification stream (`GET /api/notifications/stream`).
+#[derive(Debug, Clone, Args)]
+pub struct StreamArgs {
+    /// Seconds of silence after which a stream sends a heartbeat comment, so that
+    /// proxies keep idle streams open (and vanished clients are noticed).
+    #[arg(long, env = "NOTIFYD_STREAM_HEARTBEAT_SECS",
+          default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub stream_heartbeat_secs: u64,
+
+    /// Streams one user may hold open at once on this process; beyond it, 429.
+    #[arg(long, env = "NOTIFYD_MAX_STREAMS_PER_USER",
+          default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    pub max_streams_per_user: u64,
+
+    /// Streams this process holds open at once, all users together; beyond it, 503.
+    #[arg(long, env = "NOTIFYD_MAX_STREAMS", default_value_t = 20_000,
+          value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    pub max_streams: u64,
+}
+
+impl Default for StreamArgs {
+    fn default() -> Self {
+        StreamArgs {
+            stream_heartbeat_secs: 15,
+            max_streams_per_user: 5,
+            max_streams: 20_000,
+        }
+    }
+}
+
+/// Demo mode: an inbox page at `/demo/` and tokens for one demo user. Never in
+/// production.
+#[derive(Debug, Clone, Args)]
+pub struct DemoArgs {
+    /// Serve the demo inbox at /demo/ and hand out tokens for the demo user at
+    /// /demo/token to anyone who asks. For trying notifyd out, never for production.
+    /// Needs NOTIFYD_JWT_SECRET.
+    #[arg(long, env = "NOTIFYD_DEMO", action = clap::ArgAction::SetTrue,
+          value_parser = clap::builder::BoolishValueParser::new())]
+    pub demo: bool,
+
+    /// The user id (JWT `sub`) of demo mode's tokens.
+    #[arg(long, env = "NOTIFYD_DEMO_USER", default_value = "42")]
+    pub demo_user: String,
+}
+
+impl Default for DemoArgs {
+    fn default() -> Self {
+        DemoArgs {
+            demo: false,
+            demo_user: "42".to_owned(),
+        }
+    }
 }
 
 /// Settings of `notifyd token`.
@@ -143,6 +214,10 @@ pub struct Settings {
     pub request_timeout: Duration,
     pub shutdown_timeout: Duration,
     pub cache: CacheSettings,
+    pub stream_heartbeat: Duration,
+    pub stream_limits: StreamLimits,
+    /// Demo mode, when on.
+    pub demo: Option<Demo>,
 }
 
 impl ServeArgs {
@@ -162,6 +237,16 @@ impl ServeArgs {
             cache: CacheSettings {
                 ttl: Duration::from_secs(self.cache_ttl_secs),
                 max_users: usize::try_from(self.cache_max_users).unwrap_or(usize::MAX),
+            },
+            stream_heartbeat: Duration::from_secs(self.stream.stream_heartbeat_secs),
+            stream_limits: StreamLimits {
+                per_user: usize::try_from(self.stream.max_streams_per_user).unwrap_or(usize::MAX),
+                total: usize::try_from(self.stream.max_streams).unwrap_or(usize::MAX),
+            },
+            demo: if self.demo.demo {
+                Some(Demo::new(&self.jwt, &self.demo.demo_user)?)
+            } else {
+                None
             },
         })
     }
@@ -208,8 +293,11 @@ struct Inner {
     verifier: Verifier,
     limiter: UserLimiter,
     cache: Arc<Watermarks>,
+    hub: Arc<Hub>,
     metrics: Metrics,
     request_timeout: Duration,
+    stream_heartbeat: Duration,
+    demo: Option<Demo>,
     cors_origins: Vec<HeaderValue>,
     openapi: axum::body::Bytes,
 }
@@ -228,8 +316,11 @@ impl AppState {
             verifier: settings.verifier,
             limiter: UserLimiter::new(settings.user_rate),
             cache: Arc::new(Watermarks::new(settings.cache)),
+            hub: Arc::new(Hub::new(settings.stream_limits)),
             metrics: Metrics::default(),
             request_timeout: settings.request_timeout,
+            stream_heartbeat: settings.stream_heartbeat,
+            demo: settings.demo,
             cors_origins: settings.cors_origins,
             openapi: openapi::json().into(),
         }))
@@ -251,8 +342,22 @@ impl AppState {
         &self.0.cache
     }
 
+    /// Where long-polls and streams wait (fed by the listener).
+    pub fn hub(&self) -> &Arc<Hub> {
+        &self.0.hub
+    }
+
     pub fn metrics(&self) -> &Metrics {
         &self.0.metrics
+    }
+
+    pub fn stream_heartbeat(&self) -> Duration {
+        self.0.stream_heartbeat
+    }
+
+    /// Demo mode's settings, when it is on.
+    pub fn demo(&self) -> Option<&Demo> {
+        self.0.demo.as_ref()
     }
 
     pub fn request_timeout(&self) -> Duration {
@@ -268,12 +373,23 @@ impl AppState {
 /// queries the database), which is correct, only slower.
 pub fn app(state: AppState) -> Router {
     let cors = middleware::cors(&state.0.cors_origins);
-    let router = Router::new()
+    let mut router = Router::new()
         .route("/api/notifications", get(api::list))
         .route("/api/notifications/unread", get(api::unread))
+        .route("/api/notifications/stream", get(stream::stream))
         .route("/api/openapi.json", get(api::openapi))
         .route("/healthz", get(api::healthz))
-        .route("/readyz", get(api::readyz))
+        .route("/readyz", get(api::readyz));
+    if state.demo().is_some() {
+        router = router
+            .route("/", get(demo::root))
+            .route("/demo", get(demo::root))
+            .route("/demo/", get(demo::index))
+            .route("/demo/inbox.js", get(demo::script))
+            .route("/demo/inbox.css", get(demo::style))
+            .route("/demo/token", get(demo::token));
+    }
+    let router = router
         .fallback(api::not_found)
         .method_not_allowed_fallback(api::method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(
@@ -312,6 +428,7 @@ impl Service {
         let state = AppState::new(options, settings);
         let listener = tokio::spawn(watermark::listen(
             state.0.cache.clone(),
+            state.0.hub.clone(),
             listen_pool,
             shutdown.clone(),
         ));
@@ -359,8 +476,14 @@ impl Service {
             // Small JSON answers on keep-alive connections: do not wait for Nagle.
             let _ = stream.set_nodelay(true);
         });
-        let server = axum::serve(tcp, self.router())
-            .with_graceful_shutdown(crate::shutdown::wait(shutdown.clone()));
+        let hub = self.state.hub().clone();
+        let signal = crate::shutdown::wait(shutdown.clone());
+        let server = axum::serve(tcp, self.router()).with_graceful_shutdown(async move {
+            signal.await;
+            // Streams never end by themselves, and long-polls could hold the drain for
+            // their whole wait: end them now, so that shutdown waits only for reads.
+            hub.close();
+        });
         let deadline = async {
             crate::shutdown::wait(shutdown).await;
             tokio::time::sleep(drain).await;
@@ -406,8 +529,20 @@ pub async fn run(
         user_requests = settings.user_rate.per_window.get(),
         per_secs = settings.user_rate.window.as_secs(),
         cors_origins = settings.cors_origins.len(),
+        stream_heartbeat_secs = settings.stream_heartbeat.as_secs(),
+        max_streams_per_user = settings.stream_limits.per_user,
+        max_streams = settings.stream_limits.total,
         "serving the read API"
     );
+    if let Some(demo) = &settings.demo {
+        tracing::warn!(
+            demo_user = demo.user(),
+            "DEMO MODE IS ON (NOTIFYD_DEMO): anyone who can reach this service gets a token \
+             for user {} at /demo/token and can read that user's notifications; never enable \
+             it in production",
+            demo.user()
+        );
+    }
     let service = Service::start(listen_pool, settings, shutdown.clone());
     // Open the first read connection now: a bad setting shows at startup, and the first
     // request does not pay for the connection.

@@ -4,28 +4,42 @@
 //! when the committed file differs from [`json`], and rewrites it with
 //! `NOTIFYD_UPDATE_OPENAPI=1 cargo test --test serve_openapi`.
 
-use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::api;
 use super::error::{ErrorBody, ErrorDetail};
+use super::{api, stream};
 
 #[derive(OpenApi)]
 #[openapi(
     info(
         title = "notifyd read API",
-        description = "Read-only notifications of the authenticated user, for polling by a \
-frontend.\n\n\
+        description = "Read-only notifications of the authenticated user, for a frontend that \
+polls, long-polls or streams them.\n\n\
 Every `/api/notifications*` request carries `Authorization: Bearer <jwt>`; the token's \
 `sub` is the user, and no parameter can name another user.\n\n\
 Polling: start without `after` (the newest page, oldest first), then always send the \
 previous response's `next_after` as `after`. An empty poll is cheap. A 410 \
 `cursor_expired` means notifications were deleted before you saw them: restart without \
 `after`. A 429 carries `Retry-After`. Every error body is \
-`{\"error\": {\"code\": \"...\", \"message\": \"...\"}}`.",
+`{\"error\": {\"code\": \"...\", \"message\": \"...\"}}`.\n\n\
+Long-poll: add `wait=<seconds>` (up to 30, with `after`) and an empty answer is held until \
+a newer notification exists or the wait runs out.\n\n\
+Streaming: `GET /api/notifications/stream` is a Server-Sent Events stream of new \
+notifications (`id`, `event: notification`, `data`: the same JSON object as in a page). \
+Reconnect with `Last-Event-ID` (browsers do) to get exactly what was missed. Browsers' \
+`EventSource` cannot send headers, so this endpoint alone also accepts the token as \
+`?access_token=`.",
         license(name = "MIT OR Apache-2.0")
     ),
-    paths(api::list, api::unread, api::healthz, api::readyz, api::openapi),
+    paths(
+        api::list,
+        api::unread,
+        stream::stream,
+        api::healthz,
+        api::readyz,
+        api::openapi
+    ),
     components(schemas(
         api::Notification,
         api::NotificationPage,
@@ -60,6 +74,15 @@ impl Modify for BearerAuth {
                     ))
                     .build(),
             ),
+        );
+        components.add_security_scheme(
+            "access_token",
+            SecurityScheme::ApiKey(ApiKey::Query(ApiKeyValue::with_description(
+                "access_token",
+                "The same JWT in the query string: only on the stream endpoint, for \
+                 browsers' EventSource, which cannot set headers. URLs are kept in browser \
+                 history and may be logged by proxies: prefer the header.",
+            ))),
         );
     }
 }

@@ -189,6 +189,20 @@ impl PageRows {
     pub fn last_id(&self) -> Option<i64> {
         self.rows.last().and_then(|r| r.try_get(self.first).ok())
     }
+
+    /// Each notification on its own, oldest first: its id and the JSON object a page
+    /// holds for it (for the stream, whose events carry one notification each).
+    pub fn items(&self) -> Result<Vec<(i64, String)>, sqlx::Error> {
+        self.rows
+            .iter()
+            .map(|row| {
+                let id = row.try_get::<i64, _>(self.first)?;
+                let json = serde_json::to_string(&RowJson(row, self.first))
+                    .map_err(|e| sqlx::Error::Decode(Box::new(e)))?;
+                Ok((id, json))
+            })
+            .collect()
+    }
 }
 
 impl std::fmt::Debug for PageRows {

@@ -25,6 +25,11 @@
 //! * bounded memory and staleness: a snapshot older than the TTL is refilled on next use,
 //!   entries unused for a TTL are swept, and at most `max_users` are held.
 //!
+//! The same listener feeds the [`Hub`], which wakes the long-polls and streams waiting in
+//! this process: every announcement is applied to the cache first, then to the hub, so a
+//! woken waiter never reads a snapshot the announcement should have dropped. The hub goes
+//! dark with the cache, and after every (re)connect it wakes all waiters to re-read.
+//!
 //! Known limit: a connection that dies silently (no RST, no EOF) is noticed only when TCP
 //! gives up; until then, or for at most the TTL, a snapshot can lag. Writers other than
 //! the worker that INSERT notifications must announce them on [`ANNOUNCE_CHANNEL`] too.
@@ -39,6 +44,7 @@ use sqlx::PgPool;
 use sqlx::postgres::PgListener;
 use tokio::sync::watch;
 
+use super::hub::Hub;
 pub use crate::store::ANNOUNCE_CHANNEL;
 
 /// The channel of our triggers on `notify.notifications` (UPDATE, DELETE, TRUNCATE).
@@ -275,18 +281,20 @@ impl Watermarks {
         self.len() == 0
     }
 
-    /// Apply one notification from the listener.
-    pub fn apply(&self, channel: &str, payload: &str) {
+    /// Apply one notification from the listener, and say what it announced.
+    pub fn apply(&self, channel: &str, payload: &str) -> Heard {
         match channel {
             ANNOUNCE_CHANNEL => match serde_json::from_str::<Vec<(String, i64)>>(payload) {
                 Ok(pairs) => {
-                    for (user, id) in pairs {
-                        self.invalidate(&user, Some(id));
+                    for (user, id) in &pairs {
+                        self.invalidate(user, Some(*id));
                     }
+                    return Heard::New(pairs);
                 }
                 Err(e) => {
                     tracing::warn!(channel, error = %e, "unreadable announcement: clearing the cache");
                     self.go_live();
+                    return Heard::Unreadable;
                 }
             },
             READ_STATE_CHANNEL if payload == "*" => self.go_live(),
@@ -303,18 +311,40 @@ impl Watermarks {
             },
             _ => {}
         }
+        Heard::Nothing
     }
 }
 
-/// Keep `cache` true until `shutdown`: LISTEN on a connection of `pool` (give it a pool
-/// of its own, so it never competes with requests), reconnect with backoff on failure.
-pub async fn listen(cache: Arc<Watermarks>, pool: PgPool, shutdown: watch::Receiver<bool>) {
+/// What a notification from the listener announced.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Heard {
+    /// New notifications: `(user, newest id)`.
+    New(Vec<(String, i64)>),
+    /// An announcement that did not parse: anyone may have news.
+    Unreadable,
+    /// Nothing new (read state, deletions, another channel).
+    Nothing,
+}
+
+/// Keep `cache` true and feed `hub` until `shutdown`: LISTEN on a connection of `pool`
+/// (give it a pool of its own, so it never competes with requests), reconnect with
+/// backoff on failure.
+pub async fn listen(
+    cache: Arc<Watermarks>,
+    hub: Arc<Hub>,
+    pool: PgPool,
+    shutdown: watch::Receiver<bool>,
+) {
     let stop = crate::shutdown::wait(shutdown);
     tokio::pin!(stop);
     let mut backoff = Duration::from_millis(100);
     loop {
         let connect = async {
             let mut listener = PgListener::connect_with(&pool).await?;
+            // A lost connection is reported at once (`Ok(None)`) and re-established by
+            // the loop below, so that the cache and the hub go dark while it is down,
+            // instead of sqlx reconnecting inside `try_recv` unseen.
+            listener.eager_reconnect(false);
             listener
                 .listen_all([ANNOUNCE_CHANNEL, READ_STATE_CHANNEL])
                 .await?;
@@ -337,6 +367,7 @@ pub async fn listen(cache: Arc<Watermarks>, pool: PgPool, shutdown: watch::Recei
             }
         };
         cache.go_live();
+        hub.go_live();
         backoff = Duration::from_millis(100);
         tracing::info!("listening for notification changes: cache on");
         loop {
@@ -345,16 +376,27 @@ pub async fn listen(cache: Arc<Watermarks>, pool: PgPool, shutdown: watch::Recei
                 _ = &mut stop => return,
             };
             match next {
-                Ok(Some(n)) => cache.apply(n.channel(), n.payload()),
+                Ok(Some(n)) => match cache.apply(n.channel(), n.payload()) {
+                    Heard::New(pairs) => {
+                        for (user, id) in &pairs {
+                            hub.announce(user, *id);
+                        }
+                    }
+                    Heard::Unreadable => hub.resync(),
+                    Heard::Nothing => {}
+                },
                 Ok(None) => {
-                    // sqlx reconnected (and re-issued LISTEN) before telling us; anything
-                    // sent in between is lost, so start over.
-                    tracing::warn!("listener connection lost and re-established: cache cleared");
-                    cache.go_live();
+                    // Anything sent from now until LISTEN is back is lost: stop trusting
+                    // the cache, let waiters poll, and start over.
+                    tracing::warn!("listener connection lost: cache off until it reconnects");
+                    cache.go_dark();
+                    hub.go_dark();
+                    break;
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "listener failed: cache off until it reconnects");
                     cache.go_dark();
+                    hub.go_dark();
                     break;
                 }
             }

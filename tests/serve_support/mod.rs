@@ -47,6 +47,8 @@ pub fn args() -> ServeArgs {
         shutdown_timeout_secs: 5,
         cache_ttl_secs: 300,
         cache_max_users: 100_000,
+        stream: Default::default(),
+        demo: Default::default(),
     }
 }
 
