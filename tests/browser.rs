@@ -193,7 +193,12 @@ fn tail(name: &str, path: &Path) -> String {
 async fn demo_inbox_in_chromium() {
     check_prerequisites();
     let db = TestDb::new().await;
-    let mut worker = Proc::worker(&db.url, "browser-worker", &[]);
+    // The XSS corpus alone is over the default hourly limit of 100 for the one demo user.
+    let mut worker = Proc::worker(
+        &db.url,
+        "browser-worker",
+        &[("NOTIFYD_RATE_LIMIT", "100000".to_owned())],
+    );
     worker.wait_listening(Duration::from_secs(30)).await;
     let mut serve = Serve::new(&db.url);
     serve.start().await;

@@ -83,6 +83,19 @@ async function enqueue(body, link = null, eventType = 'new_message') {
 
 // Wait until every given event has an outcome; returns {eventId: {outcome, notificationId, body, link}}.
 async function processed(eventIds, limitMs = 30000) {
+  return outcomes(eventIds, limitMs);
+}
+
+// Wait until every given event is stored as a notification.
+async function stored(eventIds, limitMs = 30000) {
+  const out = await outcomes(eventIds, limitMs);
+  for (const [id, o] of Object.entries(out)) {
+    check(o.outcome === 'stored', `event ${id} was not stored: ${o.outcome} (${o.reason})`);
+  }
+  return out;
+}
+
+async function outcomes(eventIds, limitMs) {
   const deadline = Date.now() + limitMs;
   for (;;) {
     const r = await db.query(
@@ -328,10 +341,11 @@ async function scenarioAppearLatency(page) {
       obs.observe(document.getElementById('list'), { childList: true, subtree: true });
     }, body);
     const t0 = Date.now();
-    await enqueue(body);
+    const ev = await enqueue(body);
     await page.waitForFunction(() => window.__appeared !== null, null, { timeout: 10000, polling: 20 });
     const ms = (await page.evaluate(() => window.__appeared)) - t0;
     samples.push(ms);
+    await stored([ev]);
     log(`sample ${i}: enqueue -> on the page in ${ms} ms (status ${await status(page)})`);
   }
   const sorted = [...samples].sort((a, b) => a - b);
@@ -440,14 +454,14 @@ async function scenarioRestart(page) {
 
   const down = [];
   for (let i = 0; i < 5; i++) down.push(await enqueue(`while down ${i}`));
-  await processed(down);
+  await stored(down);
   await sleep(1000); // a few reconnect attempts fail against the dead port
 
   await control('start-serve');
   const upAt = Date.now();
   const after = [];
   for (let i = 0; i < 5; i++) after.push(await enqueue(`after restart ${i}`));
-  await processed(after);
+  await stored(after);
 
   const all = await dbIds();
   const shown = await waitShown(page, all, 30000);
@@ -456,7 +470,7 @@ async function scenarioRestart(page) {
   log(`restart: live again ${Date.now() - upAt} ms after the restart`);
 
   const last = await enqueue('after live again');
-  await processed([last]);
+  await stored([last]);
   const final = await waitShown(page, await dbIds(), 5000);
   await sleep(1500); // would any late replay duplicate something?
   const again = await pageIds(page);

@@ -406,12 +406,13 @@
 
   // ---- polling -----------------------------------------------------------------------
 
-  // One poll. Resolves to { ok, again (ask again at once), waitMs, reset }.
-  async function pollOnce() {
+  // One poll, a long one (held up to `waitSecs` while nothing is new) when the server
+  // accepts `wait`. Resolves to { ok, again (ask again at once), waitMs, reset }.
+  async function pollOnce(waitSecs) {
     const q = new URLSearchParams({ after: String(state.lastId || 0) });
-    if (state.longPoll) q.set('wait', String(LONG_POLL_SECS));
+    if (state.longPoll) q.set('wait', String(waitSecs));
     const ctrl = new AbortController();
-    const timer = setTimeout(() => ctrl.abort(), (LONG_POLL_SECS + 15) * 1000);
+    const timer = setTimeout(() => ctrl.abort(), (waitSecs + 15) * 1000);
     try {
       const r = await authedFetch(API + '?' + q, { Accept: 'application/json' }, ctrl.signal);
       if (!r.ok) {
@@ -470,7 +471,9 @@
         setStatus('reconnecting');
         await sleep(res.retryMs !== null ? res.retryMs : backoff(Math.max(1, failures)));
       } else {
-        const res = await pollOnce();
+        // Hold the long poll no longer than the next stream attempt is due.
+        const due = Math.ceil((nextStreamTry - Date.now()) / 1000);
+        const res = await pollOnce(Math.max(1, Math.min(LONG_POLL_SECS, due)));
         if (res.reset) {
           await restartSafely();
           continue;
