@@ -49,6 +49,7 @@ impl Default for BatchSettings {
 #[derive(Debug, Clone)]
 pub struct Batcher {
     sender: mpsc::Sender<(RawJob, Reply)>,
+    pipeline: Pipeline,
 }
 
 impl Batcher {
@@ -59,7 +60,15 @@ impl Batcher {
         for _ in 0..settings.flushers.max(1) {
             tokio::spawn(flush_loop(pipeline.clone(), settings, receiver.clone()));
         }
-        Self { sender }
+        Self { sender, pipeline }
+    }
+
+    /// Process a batch that is already whole (the batch claim mode) in one store
+    /// transaction, counted like any other answer. The answers follow `jobs`' order.
+    pub async fn process_now(&self, jobs: &[RawJob]) -> Vec<Result<Outcome, JobError>> {
+        let answers = self.pipeline.process(jobs).await;
+        tally(&answers).record();
+        answers
     }
 
     /// Submit one job and wait for its answer.

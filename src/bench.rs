@@ -41,7 +41,11 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 1)]
     pub replicas: u32,
 
-    /// Passed to each worker as --concurrency.
+    /// Passed to each worker as --claim-mode.
+    #[arg(long, value_enum, default_value_t = crate::claim::ClaimMode::Batch)]
+    pub claim_mode: crate::claim::ClaimMode,
+
+    /// Passed to each worker as --concurrency (per-job mode only).
     #[arg(long, default_value_t = 3000)]
     pub concurrency: u32,
 
@@ -88,6 +92,7 @@ struct Report {
     events: u64,
     users: u64,
     replicas: u32,
+    claim_mode: String,
     concurrency: u32,
     fetch_batch: u32,
     store_batch: u32,
@@ -158,6 +163,7 @@ async fn run_phases(url: &str, args: &BenchArgs) -> anyhow::Result<Report> {
         events: args.events,
         users: args.users,
         replicas: args.replicas,
+        claim_mode: format!("{:?}", args.claim_mode),
         concurrency: args.concurrency,
         fetch_batch: args.fetch_batch,
         store_batch: args.store_batch,
@@ -308,6 +314,13 @@ fn spawn_workers(url: &str, args: &BenchArgs) -> anyhow::Result<Vec<Child>> {
             Command::new(&exe)
                 .arg("worker")
                 .env("DATABASE_URL", url)
+                .env(
+                    "NOTIFYD_CLAIM_MODE",
+                    match args.claim_mode {
+                        crate::claim::ClaimMode::Batch => "batch",
+                        crate::claim::ClaimMode::PerJob => "per-job",
+                    },
+                )
                 .env("NOTIFYD_CONCURRENCY", args.concurrency.to_string())
                 .env("NOTIFYD_FETCH_BATCH", args.fetch_batch.to_string())
                 .env("NOTIFYD_STORE_BATCH", args.store_batch.to_string())
@@ -670,8 +683,8 @@ fn print_report(r: &Report) {
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     println!(
-        "  workers: {} replica(s), concurrency {}, fetch batch {}, store batch {}, store flushers {}",
-        r.replicas, r.concurrency, r.fetch_batch, r.store_batch, r.store_flushers
+        "  workers: {} replica(s), claim mode {}, concurrency {}, fetch batch {}, store batch {}, store flushers {}",
+        r.replicas, r.claim_mode, r.concurrency, r.fetch_batch, r.store_batch, r.store_flushers
     );
     println!("  events: {} over {} users", r.events, r.users);
     println!(

@@ -39,6 +39,8 @@ use sqlx::postgres::types::PgInterval;
 use tokio::sync::watch;
 use tracing::Instrument;
 
+mod batches;
+
 use crate::batch::Batcher;
 use crate::metrics;
 use crate::pipeline::{JobError, Outcome};
@@ -71,10 +73,27 @@ impl Codec<RawJob> for RawCodec {
     }
 }
 
+/// How jobs reach the pipeline. Both run on apalis's worker over the same `apalis.jobs`
+/// states; they differ in what one apalis task is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum ClaimMode {
+    /// One apalis task per claimed batch (see [`batches`]): claim, one store transaction
+    /// and one set-based ack per batch. The default: it is several times faster.
+    #[default]
+    Batch,
+    /// apalis-postgres's own backend: one apalis task per job, gathered again into store
+    /// transactions by the [`Batcher`]. Kept for comparison (BENCHMARKS.md) and as a
+    /// fallback.
+    PerJob,
+}
+
 /// How the apalis side of the worker is tuned.
 #[derive(Debug, Clone)]
 pub struct ClaimSettings {
-    /// Jobs in flight at once (they wait in the batcher for their transaction).
+    /// What one apalis task is.
+    pub mode: ClaimMode,
+    /// Per-job mode: jobs in flight at once (they wait in the batcher for their
+    /// transaction). Batch mode: batches in flight at once.
     pub concurrency: usize,
     /// Jobs claimed by one `apalis.get_jobs` call.
     pub fetch_batch: usize,
@@ -155,6 +174,73 @@ async fn handle_job(
     }
 }
 
+/// What the batch handler needs besides its batch.
+#[derive(Clone)]
+struct BatchContext {
+    batcher: Batcher,
+    pool: PgPool,
+    worker: String,
+    shutdown: watch::Receiver<bool>,
+}
+
+/// Process one claimed batch and acknowledge it. Never returns an error: a failed ack is
+/// retried until it succeeds or the worker stops (then the jobs are released or rescued).
+async fn handle_batch(
+    batch: batches::ClaimedBatch,
+    ctx: Data<BatchContext>,
+) -> Result<(), BoxDynError> {
+    let now = now_ms() as i64;
+    for job in &batch.0 {
+        CLAIM_WAIT.record(now.saturating_sub(job.due_ms).max(0) as f64 / 1e3);
+    }
+    let span = tracing::debug_span!(
+        "batch_task",
+        jobs = batch.0.len(),
+        first_job = batch.0.first().map(|j| j.id.as_str()),
+    );
+    async {
+        let answers = ctx.batcher.process_now(&batches::payloads(&batch)).await;
+        for (job, answer) in batch.0.iter().zip(&answers) {
+            match answer {
+                Err(JobError::Bad(reason)) => {
+                    tracing::warn!(job = %job.id, %reason, "job refused")
+                }
+                Err(e @ JobError::Transient(_)) => {
+                    tracing::warn!(job = %job.id, error = %e, "job failed; it will be retried")
+                }
+                Ok(_) => {}
+            }
+        }
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            match batches::ack(&ctx.pool, &ctx.worker, &batch.0, &answers).await {
+                Ok(n) => {
+                    if (n as usize) < batch.0.len() {
+                        tracing::warn!(
+                            acked = n,
+                            claimed = batch.0.len(),
+                            "some jobs were rescued from this worker before their ack; the rescuer owns them"
+                        );
+                    }
+                    return;
+                }
+                Err(e) if !*ctx.shutdown.borrow() => {
+                    tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "ack failed; retrying");
+                    tokio::time::sleep(backoff.mul_f64(0.5 + fastrand::f64())).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "ack failed during shutdown; the jobs will be released or rescued");
+                    return;
+                }
+            }
+        }
+    }
+    .instrument(span)
+    .await;
+    Ok(())
+}
+
 /// Run the worker until `shutdown` turns true, waiting for in-flight jobs as long as they
 /// take. Restarts apalis's worker after failures. See [`run_with_drain`].
 pub async fn run(
@@ -184,39 +270,85 @@ pub async fn run_with_drain(
             return 0;
         }
         let name = format!("{}-{}", settings.name, restarts);
-        let config = Config::default()
-            .queue(QUEUE)
-            .batch_size(settings.fetch_batch)
-            .heartbeat_interval(settings.heartbeat)
-            .missed_heartbeats(settings.missed_heartbeats + APALIS_BACKSTOP_HEARTBEATS)
-            // The claim already marks jobs Queued with lock_by; a second per-job UPDATE to
-            // Running buys nothing here (rescue covers Queued jobs too).
-            .lock_tasks(false)
-            .persist_results(true);
-        let storage = PostgresStorage::<RawJob>::new(&pool).with_config(config);
-        let strategy = Strategy::new()
-            .stream(Pubsub::new(pool.clone(), QUEUE.to_owned()))
-            .interval(settings.poll_interval);
-        let backend = WithCodec::new(PollWith::new(storage, strategy), RawCodec);
-        let worker = WorkerBuilder::new(name.clone())
-            .backend(backend)
-            .concurrency(settings.concurrency)
-            .data(batcher.clone())
-            .build(handle_job);
-
         let span = tracing::info_span!("worker", worker = %name);
+        let mut side_tasks = Vec::new();
+        let running: futures::future::BoxFuture<'static, Result<(), WorkerError>> =
+            match settings.mode {
+                ClaimMode::PerJob => {
+                    let config = Config::default()
+                        .queue(QUEUE)
+                        .batch_size(settings.fetch_batch)
+                        .heartbeat_interval(settings.heartbeat)
+                        .missed_heartbeats(settings.missed_heartbeats + APALIS_BACKSTOP_HEARTBEATS)
+                        // The claim already marks jobs Queued with lock_by; a second
+                        // per-job UPDATE to Running buys nothing here (rescue covers
+                        // Queued jobs too).
+                        .lock_tasks(false)
+                        .persist_results(true);
+                    let storage = PostgresStorage::<RawJob>::new(&pool).with_config(config);
+                    let strategy = Strategy::new()
+                        .stream(Pubsub::new(pool.clone(), QUEUE.to_owned()))
+                        .interval(settings.poll_interval);
+                    let backend = WithCodec::new(PollWith::new(storage, strategy), RawCodec);
+                    let worker = WorkerBuilder::new(name.clone())
+                        .backend(backend)
+                        .concurrency(settings.concurrency)
+                        .data(batcher.clone())
+                        .build(handle_job);
+                    let mut stop = shutdown.clone();
+                    Box::pin(worker.run_until(async move {
+                        let _ = stop.wait_for(|s| *s).await;
+                        Ok::<(), std::io::Error>(())
+                    }))
+                }
+                ClaimMode::Batch => {
+                    if let Err(e) = batches::register(&pool, &name).await {
+                        span.in_scope(
+                            || tracing::warn!(error = %e, "cannot register the worker; retrying"),
+                        );
+                        let wait = backoff.mul_f64(0.5 + fastrand::f64());
+                        tokio::select! {
+                            _ = tokio::time::sleep(wait) => {}
+                            _ = shutdown.wait_for(|s| *s) => return 0,
+                        }
+                        backoff = (backoff * 2).min(Duration::from_secs(10));
+                        continue;
+                    }
+                    let wake = std::sync::Arc::new(tokio::sync::Notify::new());
+                    side_tasks.push(tokio::spawn(
+                        batches::listen(pool.clone(), wake.clone()).instrument(span.clone()),
+                    ));
+                    let backend = batches::backend(batches::Source {
+                        pool: pool.clone(),
+                        worker: name.clone(),
+                        fetch_batch: settings.fetch_batch,
+                        poll_interval: settings.poll_interval,
+                        wake,
+                    });
+                    let worker = WorkerBuilder::new(name.clone())
+                        .backend(backend)
+                        .concurrency(settings.concurrency)
+                        .data(BatchContext {
+                            batcher: batcher.clone(),
+                            pool: pool.clone(),
+                            worker: name.clone(),
+                            shutdown: shutdown.clone(),
+                        })
+                        .build(handle_batch);
+                    let mut stop = shutdown.clone();
+                    Box::pin(worker.run_until(async move {
+                        let _ = stop.wait_for(|s| *s).await;
+                        Ok::<(), std::io::Error>(())
+                    }))
+                }
+            };
+
         let beat = tokio::spawn(
             heartbeat(pool.clone(), name.clone(), settings.heartbeat).instrument(span.clone()),
         );
-        let mut stop = shutdown.clone();
         let started = Instant::now();
-        span.in_scope(|| tracing::info!("worker started"));
-        let running = worker
-            .run_until(async move {
-                let _ = stop.wait_for(|s| *s).await;
-                Ok::<(), std::io::Error>(())
-            })
-            .instrument(span.clone());
+        span.in_scope(|| tracing::info!(mode = ?settings.mode, "worker started"));
+        let running = running.instrument(span.clone());
         let mut deadline = shutdown.clone();
         let drain_deadline = async move {
             let _ = deadline.wait_for(|s| *s).await;
@@ -230,6 +362,9 @@ pub async fn run_with_drain(
             _ = drain_deadline => None,
         };
         beat.abort();
+        for task in side_tasks.drain(..) {
+            task.abort();
+        }
         match result {
             None => {
                 span.in_scope(|| {

@@ -9,7 +9,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::batch::BatchSettings;
-use crate::claim::ClaimSettings;
+use crate::claim::{ClaimMode, ClaimSettings};
 use crate::cleanup::Retention;
 use crate::store::RateLimit;
 
@@ -80,12 +80,20 @@ pub enum Command {
 
 #[derive(Debug, Clone, Args)]
 pub struct WorkerArgs {
-    /// Jobs in flight at once; they wait in the batcher for their group commit.
+    /// What one apalis task is: `batch` (a whole claimed batch, one store transaction and
+    /// one ack per batch, the default) or `per-job` (apalis-postgres's own backend, one
+    /// task per job, regrouped by the batcher; slower, kept for comparison).
+    #[arg(long, env = "NOTIFYD_CLAIM_MODE", value_enum, default_value_t = ClaimMode::Batch)]
+    pub claim_mode: ClaimMode,
+
+    /// Per-job mode only: jobs in flight at once; they wait in the batcher for their
+    /// group commit.
     #[arg(long, env = "NOTIFYD_CONCURRENCY", default_value_t = 3000,
           value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub concurrency: u32,
 
-    /// Jobs claimed per queue fetch.
+    /// Jobs claimed per queue fetch (in batch mode: the most jobs in one batch, and so in
+    /// one store transaction).
     #[arg(long, env = "NOTIFYD_FETCH_BATCH", default_value_t = 1000,
           value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub fetch_batch: u32,
@@ -95,7 +103,7 @@ pub struct WorkerArgs {
           value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub store_batch: u32,
 
-    /// Store transactions running at once.
+    /// Store transactions running at once (in batch mode: batches in flight).
     #[arg(long, env = "NOTIFYD_STORE_FLUSHERS", default_value_t = 2,
           value_parser = clap::value_parser!(u32).range(1..=64))]
     pub store_flushers: u32,
@@ -198,7 +206,11 @@ impl WorkerArgs {
             format!("{host}-{}-{:04x}", std::process::id(), fastrand::u16(..))
         });
         ClaimSettings {
-            concurrency: self.concurrency as usize,
+            mode: self.claim_mode,
+            concurrency: match self.claim_mode {
+                ClaimMode::Batch => self.store_flushers as usize,
+                ClaimMode::PerJob => self.concurrency as usize,
+            },
             fetch_batch: self.fetch_batch as usize,
             poll_interval: Duration::from_millis(self.poll_interval_ms),
             heartbeat: Duration::from_secs(self.heartbeat_secs),

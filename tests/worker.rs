@@ -1,5 +1,6 @@
 //! End to end through the real apalis worker, in process: `claim::run` with the group-commit
-//! batcher, fed by SQL inserts, drained by polling the queue (no fixed sleeps).
+//! batcher, fed by SQL inserts, drained by polling the queue (no fixed sleeps). Every
+//! scenario runs in both claim modes (`batch`, the default, and `per-job`).
 
 mod common;
 
@@ -7,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use common::TestDb;
 use notifyd::batch::{BatchSettings, Batcher};
-use notifyd::claim::{self, ClaimSettings};
+use notifyd::claim::{self, ClaimMode, ClaimSettings};
 use notifyd::pipeline::Pipeline;
 use notifyd::store::RateLimit;
 use sqlx::PgPool;
@@ -23,8 +24,8 @@ struct Worker {
 }
 
 impl Worker {
-    async fn start(db: &TestDb, name: &str, rate: RateLimit) -> Self {
-        Self::start_with(db, name, rate, 50, 100, 2).await
+    async fn start(db: &TestDb, name: &str, rate: RateLimit, mode: ClaimMode) -> Self {
+        Self::start_with(db, name, rate, mode, 50, 100, 2).await
     }
 
     /// `fetch_batch` jobs per claim, `max_batch` jobs per store transaction, `flushers`
@@ -33,6 +34,7 @@ impl Worker {
         db: &TestDb,
         name: &str,
         rate: RateLimit,
+        mode: ClaimMode,
         fetch_batch: usize,
         max_batch: usize,
         flushers: usize,
@@ -51,7 +53,11 @@ impl Worker {
             },
         );
         let settings = ClaimSettings {
-            concurrency: 200,
+            mode,
+            concurrency: match mode {
+                ClaimMode::Batch => flushers,
+                ClaimMode::PerJob => 200,
+            },
             fetch_batch,
             poll_interval: Duration::from_millis(50),
             heartbeat: Duration::from_secs(1),
@@ -80,6 +86,25 @@ impl Worker {
             .unwrap_or_else(|_| panic!("worker {} did not stop within 30 s", self.name))
             .unwrap();
     }
+}
+
+/// One `#[tokio::test]` per claim mode for a scenario `async fn name(mode: ClaimMode)`.
+macro_rules! both_modes {
+    ($name:ident) => {
+        mod $name {
+            use super::*;
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn batch() {
+                super::$name(ClaimMode::Batch).await
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn per_job() {
+                super::$name(ClaimMode::PerJob).await
+            }
+        }
+    };
 }
 
 /// Wait until apalis has registered the worker (it is then listening and polling).
@@ -131,8 +156,8 @@ async fn enqueue_many(db: &TestDb, users: i64, per_user: i64) {
     .unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn poison_rows_are_killed_with_a_reason_and_do_not_block_the_queue() {
+both_modes!(poison_rows_are_killed_with_a_reason_and_do_not_block_the_queue);
+async fn poison_rows_are_killed_with_a_reason_and_do_not_block_the_queue(mode: ClaimMode) {
     let db = TestDb::new().await;
     let garbage = insert_raw_job(&db.pool, b"\xff\xfe\x00garbage").await;
     let no_event_id = insert_raw_job(&db.pool, br#"{"user_id":"42","body":"hi"}"#).await;
@@ -145,7 +170,7 @@ async fn poison_rows_are_killed_with_a_reason_and_do_not_block_the_queue() {
         );
     }
 
-    let worker = Worker::start(&db, "poison", RateLimit::default()).await;
+    let worker = Worker::start(&db, "poison", RateLimit::default(), mode).await;
     db.wait_until_drained(Duration::from_secs(30)).await;
 
     assert_eq!(
@@ -202,8 +227,8 @@ async fn poison_rows_are_killed_with_a_reason_and_do_not_block_the_queue() {
     worker.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn two_workers_drain_2000_events_with_an_exact_rate_limit() {
+both_modes!(two_workers_drain_2000_events_with_an_exact_rate_limit);
+async fn two_workers_drain_2000_events_with_an_exact_rate_limit(mode: ClaimMode) {
     const USERS: i64 = 50;
     const PER_USER: i64 = 40;
     const LIMIT: u32 = 30;
@@ -215,8 +240,8 @@ async fn two_workers_drain_2000_events_with_an_exact_rate_limit() {
     // Both idle and listening before the events arrive, so they race for them. Small claims
     // and small store transactions, several at once per replica, so that many transactions
     // hold events of the same user at the moment that user reaches the limit.
-    let a = Worker::start_with(&db, "replica-a", rate, 20, 10, 4).await;
-    let b = Worker::start_with(&db, "replica-b", rate, 20, 10, 4).await;
+    let a = Worker::start_with(&db, "replica-a", rate, mode, 20, 10, 4).await;
+    let b = Worker::start_with(&db, "replica-b", rate, mode, 20, 10, 4).await;
     wait_registered(&db, "replica-a").await;
     wait_registered(&db, "replica-b").await;
 
@@ -287,10 +312,10 @@ async fn two_workers_drain_2000_events_with_an_exact_rate_limit() {
     b.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_delayed_event_is_stored_only_after_its_time() {
+both_modes!(a_delayed_event_is_stored_only_after_its_time);
+async fn a_delayed_event_is_stored_only_after_its_time(mode: ClaimMode) {
     let db = TestDb::new().await;
-    let worker = Worker::start(&db, "delay", RateLimit::default()).await;
+    let worker = Worker::start(&db, "delay", RateLimit::default(), mode).await;
     wait_registered(&db, "delay").await;
 
     let (id, run_at): (i64, chrono::DateTime<chrono::Utc>) = sqlx::query_as(
