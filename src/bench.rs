@@ -567,9 +567,15 @@ async fn latency(pool: &PgPool, url: &str, args: &BenchArgs) -> anyhow::Result<L
     // (`[[user, max_id], ...]`, sent on commit) tells when this very event became readable.
     let mut listener = sqlx::postgres::PgListener::connect(url).await?;
     listener.listen(crate::store::ANNOUNCE_CHANNEL).await?;
+    let (stop_listening, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
     let heard = tokio::spawn(async move {
         let mut first_heard: std::collections::HashMap<String, Instant> = Default::default();
-        while let Ok(Some(n)) = listener.try_recv().await {
+        loop {
+            let n = tokio::select! {
+                n = listener.try_recv() => n,
+                _ = &mut stop_rx => break,
+            };
+            let Ok(Some(n)) = n else { break };
             let at = Instant::now();
             if let Ok(pairs) = serde_json::from_str::<Vec<(String, i64)>>(n.payload()) {
                 for (user, _) in pairs {
@@ -628,7 +634,7 @@ async fn latency(pool: &PgPool, url: &str, args: &BenchArgs) -> anyhow::Result<L
     producers.close().await;
     // The last announcements are already on their way once every event has an outcome.
     tokio::time::sleep(Duration::from_millis(200)).await;
-    heard.abort();
+    let _ = stop_listening.send(());
     let first_heard = heard.await.unwrap_or_default();
 
     let readable: Vec<f64> = sent
