@@ -289,7 +289,15 @@ impl Live {
             if !self.more && self.subscription.changed(self.cursor).await == Wake::Closing {
                 return None;
             }
-            let read = api::read(&self.state, &self.user, Feed::All, self.page_query()).await;
+            // Boxed: the read's state machine is large, and an idle stream would carry
+            // it inline all the time it waits (a few KiB per stream).
+            let read = Box::pin(api::read(
+                &self.state,
+                &self.user,
+                Feed::All,
+                self.page_query(),
+            ))
+            .await;
             if let Err(e) = read.and_then(|page| self.take(page.notifications)) {
                 tracing::warn!(
                     user = self.user.as_str(),
