@@ -481,9 +481,102 @@ async function scenarioRestart(page) {
     sorted.every((v, i) => i === 0 || sorted[i - 1] > v),
     'the list is not newest first',
   );
+  const slowPath = await page.evaluate(() => window.__statusLog.splice(0).join(' > '));
+  log(`restart: status path ${slowPath}`);
+
+  // Again, with serve back at once: the page usually resumes on the stream itself
+  // (Last-Event-ID), before it falls back to polling. Either way: every one exactly once.
+  await control('kill-serve');
+  const quick = [];
+  for (let i = 0; i < 3; i++) quick.push(await enqueue(`quick restart, while down ${i}`));
+  await control('start-serve');
+  for (let i = 0; i < 3; i++) quick.push(await enqueue(`quick restart, after ${i}`));
+  await stored(quick);
+  const all2 = await dbIds();
+  await waitShown(page, all2, 30000);
+  await waitStatus(page, 'live', 30000);
+  await sleep(1000);
+  const settled = await pageIds(page);
+  check(settled.length === all2.length && new Set(settled).size === settled.length, `quick restart: ${settled.length} shown of ${all2.length}, duplicates ${dups(settled)}`);
+  const quickPath = await page.evaluate(() => window.__statusLog.splice(0).join(' > '));
+  log(`quick restart: status path ${quickPath}`);
   console.log(
-    `FIGURES restart: ${again.length} notifications, each exactly once; 10 enqueued around a SIGKILL of serve`,
+    `FIGURES restart: ${settled.length} notifications, each exactly once; 16 enqueued around two SIGKILLs of serve`,
   );
+}
+
+async function scenarioReload(page) {
+  await page.reload({ waitUntil: 'load' });
+  await waitStatus(page, 'live', 15000);
+  const newest = (await dbIds()).slice(-50).map(String);
+  const shown = await waitShown(page, newest, 10000);
+  check(shown.join() === [...newest].reverse().join(), 'after a reload the list is not the newest page, newest first');
+  const r = await db.query('SELECT count(*)::int AS n FROM notify.notifications WHERE user_id = $1 AND read_at IS NULL', [USER]);
+  const unread = (await page.textContent('#unread')).trim();
+  check(unread === String(r.rows[0].n), `unread shows ${unread}, the database has ${r.rows[0].n}`);
+  log(`reload: newest ${shown.length} shown, unread ${unread}`);
+}
+
+// Desktop notifications, with a stand-in for the browser's Notification API (headless
+// Chromium has no notification UI): the button asks for permission, and once it is
+// granted a notification that arrives while the tab is in the background raises one.
+// And a browser without the API: no button, the page works.
+async function scenarioDesktop(page) {
+  const browser = page.context().browser();
+  const ctx = await browser.newContext();
+  await ctx.addInitScript(() => {
+    window.__notes = [];
+    window.__asked = 0;
+    class FakeNotification {
+      constructor(title, options) {
+        window.__notes.push({ title, body: options && options.body, tag: options && options.tag });
+      }
+      close() {}
+      static requestPermission(callback) {
+        window.__asked++;
+        FakeNotification.permission = 'granted';
+        if (callback) callback('granted');
+        return Promise.resolve('granted');
+      }
+    }
+    FakeNotification.permission = 'default';
+    Object.defineProperty(window, 'Notification', { value: FakeNotification, configurable: true, writable: true });
+    document.hasFocus = () => false; // a background tab
+  });
+  const p = await ctx.newPage();
+  const errors = [];
+  p.on('pageerror', (e) => errors.push(e.message));
+  await p.goto(`${BASE}/demo/`);
+  await waitStatus(p, 'live', 15000);
+  const button = p.locator('#desktop');
+  check(await button.isVisible(), 'the "Enable desktop notifications" button is not shown');
+  check((await button.textContent()).trim() === 'Enable desktop notifications', 'the button text is wrong');
+  await button.click();
+  await p.waitForFunction(() => document.getElementById('desktop').hidden, null, { timeout: 5000 });
+  check((await p.evaluate(() => window.__asked)) >= 1, 'the button did not ask for permission');
+  const body = `desktop probe ${Date.now()}`;
+  const ev = await enqueue(body, null, 'system_alert');
+  await stored([ev]);
+  await p.waitForFunction((b) => window.__notes.some((n) => n.body === b), body, { timeout: 5000 });
+  const note = (await p.evaluate(() => window.__notes)).find((n) => n.body === body);
+  check(note.title === 'System alert', `desktop notification title ${JSON.stringify(note.title)}`);
+  check(errors.length === 0, `page errors: ${errors}`);
+  await ctx.close();
+
+  const bare = await browser.newContext();
+  await bare.addInitScript(() => {
+    delete window.Notification;
+  });
+  const q = await bare.newPage();
+  q.on('pageerror', (e) => errors.push(e.message));
+  await q.goto(`${BASE}/demo/`);
+  await waitStatus(q, 'live', 15000);
+  check(!(await q.locator('#desktop').isVisible()), 'the button is shown without a Notification API');
+  await waitShown(q, (await dbIds()).slice(-50), 10000);
+  check(errors.length === 0, `page errors without a Notification API: ${errors}`);
+  await bare.close();
+  await waitShown(page, await dbIds(), 5000);
+  log('desktop notifications: asked, raised one with the text; no API: no button, no error');
 }
 
 // ---- main --------------------------------------------------------------------------
@@ -492,7 +585,9 @@ const SCENARIOS = [
   ['first load', scenarioFirstLoad],
   ['appear latency', scenarioAppearLatency],
   ['xss corpus', scenarioXss],
+  ['desktop notifications', scenarioDesktop],
   ['kill and restart serve', scenarioRestart],
+  ['reload', scenarioReload],
 ];
 
 async function main() {
@@ -508,6 +603,16 @@ async function main() {
     const context = await browser.newContext();
     // Record CSP violations (our own page must cause none).
     await context.addInitScript(() => {
+      // Every #status text the page goes through, for the log.
+      window.__statusLog = [];
+      document.addEventListener('DOMContentLoaded', () => {
+        const el = document.getElementById('status');
+        if (!el) return;
+        new MutationObserver(() => {
+          const s = el.textContent.trim();
+          if (window.__statusLog[window.__statusLog.length - 1] !== s) window.__statusLog.push(s);
+        }).observe(el, { childList: true, characterData: true, subtree: true });
+      });
       window.__csp = [];
       document.addEventListener('securitypolicyviolation', (e) => {
         window.__csp.push(`${e.violatedDirective} ${e.blockedURI}`);
