@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use common::TestDb;
-use serve_support::{SECRET, Server, add, args, eventually, hs256, ids, now_secs, token};
+use serve_support::{SECRET, Server, add, add_on, args, eventually, hs256, ids, now_secs, token};
 
 const LIST: &str = "/api/notifications";
 const STREAM: &str = "/api/notifications/stream";
@@ -574,8 +574,15 @@ async fn a_lost_listener_loses_nothing() {
     assert_eq!(sse.events(1).await, before);
 
     // Keep the listener down for a while: no new connection to this database (existing
-    // ones, the stream's read connection and the test's pool, carry on), then end the
-    // LISTEN backend.
+    // ones carry on: the stream's read connection, and a one-connection pool of the test
+    // opened now), then end the LISTEN backend.
+    let writer = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .min_connections(1)
+        .connect(&s.db.url)
+        .await
+        .unwrap();
+    add_on(&writer, "warm-up", 1).await;
     let admin = sqlx::PgPool::connect(&common::server_url()).await.unwrap();
     let allow = |on: bool| format!("ALTER DATABASE {} WITH ALLOW_CONNECTIONS {on}", s.db.name);
     sqlx::query(sqlx::AssertSqlSafe(allow(false)))
@@ -584,9 +591,10 @@ async fn a_lost_listener_loses_nothing() {
         .unwrap();
     let ended: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-         WHERE datname = current_database() AND query LIKE 'LISTEN%') AS t",
+         WHERE datname = $1 AND query LIKE 'LISTEN%') AS t",
     )
-    .fetch_one(&s.db.pool)
+    .bind(&s.db.name)
+    .fetch_one(&admin)
     .await
     .unwrap();
     assert_eq!(ended, 1, "one LISTEN backend");
@@ -597,7 +605,7 @@ async fn a_lost_listener_loses_nothing() {
 
     // Inserted while the listener is down: announced to nobody, still delivered (the
     // stream re-reads every 1-2 s meanwhile).
-    let during = add(&s.db, "alice", 2).await;
+    let during = add_on(&writer, "alice", 2).await;
     assert_eq!(sse.events(2).await, during);
 
     // The listener comes back; what is inserted afterwards arrives too, exactly once.
@@ -612,5 +620,6 @@ async fn a_lost_listener_loses_nothing() {
     let after = add(&s.db, "alice", 2).await;
     assert_eq!(sse.events(2).await, after);
     sse.quiet().await;
+    writer.close().await;
     admin.close().await;
 }

@@ -184,7 +184,12 @@ impl Drop for Server {
 /// store does (per-user lock, ids drawn under it, NOTIFY in the transaction). Returns
 /// their ids, ascending.
 pub async fn add(db: &TestDb, user: &str, n: i32) -> Vec<i64> {
-    let mut tx = db.pool.begin().await.unwrap();
+    add_on(&db.pool, user, n).await
+}
+
+/// [`add`] through a given pool (for example one whose connection must not change).
+pub async fn add_on(pool: &sqlx::PgPool, user: &str, n: i32) -> Vec<i64> {
+    let mut tx = pool.begin().await.unwrap();
     sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
         .bind(user)
         .execute(&mut *tx)
