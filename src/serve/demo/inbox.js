@@ -37,6 +37,9 @@
   const BACKOFF_MAX_MS = 15000;
   // No byte at all (not even a heartbeat comment) for this long: the connection is dead.
   const STALL_MS = 45000;
+  // While live, re-read the unread count this often (events carry no count, and the
+  // backend marks notifications read on its own): one empty poll, answered from memory.
+  const UNREAD_REFRESH_MS = 30000;
   const TITLE = document.title;
 
   const el = {
@@ -507,8 +510,25 @@
     }
   }
 
+  // The unread count while the stream is live (polls bring it with every page).
+  async function refreshUnread() {
+    if (el.status.textContent !== 'live' || state.lastId === null) return;
+    try {
+      const r = await authedFetch(API + '?after=' + encodeURIComponent(String(state.lastId)), {
+        Accept: 'application/json',
+      });
+      if (!r.ok) return;
+      const page = await r.json();
+      for (const n of page.notifications || []) add(n, true);
+      setUnread(page.unread_count);
+    } catch (_) {
+      // The stream's own reconnect logic deals with a server that is gone.
+    }
+  }
+
   async function main() {
     setupDesktop();
+    setInterval(refreshUnread, UNREAD_REFRESH_MS);
     for (let attempt = 1; ; attempt++) {
       try {
         await fetchToken();
