@@ -293,13 +293,22 @@ async fn bad_cursors_are_refused_before_the_stream_starts() {
 
 #[tokio::test]
 async fn heartbeats_keep_an_idle_stream_alive() {
-    let s = start().await;
+    // A request timeout shorter than the stream's life: it does not cut the stream.
+    let mut a = stream_args();
+    a.request_timeout_secs = 1;
+    let s = Server::start_with(TestDb::new().await, a).await;
     let mut sse = open(&s, STREAM, Some(&token("alice")), None).await;
     let started = Instant::now();
     for _ in 0..2 {
         assert_eq!(sse.frame().await, Some(Frame::Comment("heartbeat".into())));
     }
     assert!(started.elapsed() >= Duration::from_millis(1500));
+    let id = add(&s.db, "alice", 1).await;
+    assert_eq!(
+        sse.events(1).await,
+        id,
+        "still delivering past the request timeout"
+    );
     // An idle stream costs no database work.
     let queries = s.state.metrics().queries();
     sse.quiet().await;
