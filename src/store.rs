@@ -184,9 +184,7 @@ decided AS (
                WHEN pref.enabled IS FALSE THEN 'opted_out'
            END AS early_outcome
     FROM input AS i
-    -- `e.id = ANY($1)` makes the planner look events up by key; with the join condition
-    -- alone it hashes a sequential scan of the whole table, O(table) per batch.
-    JOIN notify.events AS e ON e.id = i.event_id AND e.id = ANY($1) AND e.outcome IS NULL
+    JOIN notify.events AS e ON e.id = i.event_id AND e.outcome IS NULL
     LEFT JOIN notify.preferences AS pref
            ON pref.user_id = i.user_id AND pref.event_type = i.event_type
 ),
@@ -227,7 +225,7 @@ recorded AS (
         outcome_reason = CASE WHEN j.outcome = 'invalid' THEN j.invalid_reason END,
         processed_at = clock.now
     FROM judged AS j, clock
-    WHERE e.id = j.event_id AND e.id = ANY($1)
+    WHERE e.id = j.event_id
     RETURNING e.id, e.user_id, e.outcome
 )
 SELECT id AS event_id, user_id, outcome, NULL::bigint AS notification_id FROM recorded
