@@ -45,6 +45,7 @@ Reconnect with `Last-Event-ID` (browsers do) to get exactly what was missed. Bro
         api::NotificationPage,
         api::Health,
         api::Readiness,
+        stream::StreamEvent,
         ErrorBody,
         ErrorDetail
     )),

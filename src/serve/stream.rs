@@ -34,7 +34,7 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
-use utoipa::IntoParams;
+use utoipa::{IntoParams, ToSchema};
 
 use super::AppState;
 use super::api::{self, PageQuery};
@@ -49,6 +49,28 @@ pub const RETRY_HINT: Duration = Duration::from_secs(3);
 const PAGE: i64 = api::MAX_LIMIT;
 
 const LAST_EVENT_ID: HeaderName = HeaderName::from_static("last-event-id");
+
+/// One event of the stream, as an SSE client parses it (in OpenAPI 3.1 the schema of a
+/// `text/event-stream` body describes one event). The first event carries only `retry`;
+/// every other one `id`, `event` and `data`. Heartbeat comments are not events.
+#[derive(Debug, ToSchema)]
+pub struct StreamEvent {
+    /// The notification id (send it back as `Last-Event-ID` to resume).
+    #[schema(example = "1042")]
+    pub id: Option<String>,
+    /// Always `notification`.
+    #[schema(example = "notification")]
+    pub event: Option<String>,
+    /// The notification as one line of JSON: exactly an item of a page's
+    /// `notifications` (schema `Notification`).
+    #[schema(
+        example = r#"{"id":1042,"event_type":"new_message","body":"You have a new message from Alice","link":"/messages/7","created_at":"2026-11-22T08:00:00.123456Z","read_at":null}"#
+    )]
+    pub data: Option<String>,
+    /// Suggested reconnect delay in milliseconds (first event only).
+    #[schema(example = 3000)]
+    pub retry: Option<u64>,
+}
 
 /// Query parameters of the stream, as documented; [`StreamQuery::parse`] is the parser.
 #[derive(Debug, Clone, IntoParams)]
@@ -153,13 +175,13 @@ fn last_event_id(headers: &HeaderMap) -> Result<Option<i64>, ApiError> {
     tag = "notifications",
     params(
         StreamParams,
-        ("Last-Event-ID" = Option<i64>, Header,
+        ("Last-Event-ID" = Option<i64>, Header, minimum = 0, nullable = false,
          description = "Resume after this notification id (browsers send it when they reconnect); wins over `after`"),
     ),
     security(("bearer" = []), ("access_token" = [])),
     responses(
         (status = 200, description = "A Server-Sent Events stream. It opens with `retry: 3000`; each notification is an event with `id: <id>`, `event: notification` and `data: <a Notification as JSON>`, in ascending id order; `: heartbeat` comments keep it alive. It ends on server shutdown: reconnect with `Last-Event-ID`.",
-         content_type = "text/event-stream", body = String),
+         content_type = "text/event-stream", body = StreamEvent),
         (status = 400, description = "Invalid or unknown parameter, both a header and a query token, or a cursor never issued to this user (`invalid_cursor`)", body = ErrorBody),
         (status = 401, description = "Missing, malformed, expired or unverifiable token", body = ErrorBody,
          headers(("WWW-Authenticate" = String, description = "Bearer challenge (RFC 6750)"))),
