@@ -199,7 +199,9 @@ async fn handle_batch(
         first_job = batch.0.first().map(|j| j.id.as_str()),
     );
     async {
+        let started = Instant::now();
         let answers = ctx.batcher.process_now(&batches::payloads(&batch)).await;
+        let processed = Instant::now();
         for (job, answer) in batch.0.iter().zip(&answers) {
             match answer {
                 Err(JobError::Bad(reason)) => {
@@ -215,6 +217,12 @@ async fn handle_batch(
         loop {
             match batches::ack(&ctx.pool, &ctx.worker, &batch.0, &answers).await {
                 Ok(n) => {
+                    tracing::debug!(
+                        jobs = batch.0.len(),
+                        process_ms = (processed - started).as_secs_f64() * 1e3,
+                        ack_ms = processed.elapsed().as_secs_f64() * 1e3,
+                        "batch acknowledged"
+                    );
                     if (n as usize) < batch.0.len() {
                         tracing::warn!(
                             acked = n,

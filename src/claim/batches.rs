@@ -103,8 +103,16 @@ fn claim_stream(source: Source) -> ClaimStream {
 async fn next_batch(source: &Source) -> ClaimedBatch {
     let mut backoff = Duration::from_millis(100);
     loop {
+        let started = std::time::Instant::now();
         match claim(&source.pool, &source.worker, source.fetch_batch).await {
-            Ok(jobs) if !jobs.is_empty() => return ClaimedBatch(jobs),
+            Ok(jobs) if !jobs.is_empty() => {
+                tracing::debug!(
+                    jobs = jobs.len(),
+                    claim_ms = started.elapsed().as_secs_f64() * 1e3,
+                    "batch claimed"
+                );
+                return ClaimedBatch(jobs);
+            }
             Ok(_) => {
                 backoff = Duration::from_millis(100);
                 let _ = tokio::time::timeout(source.poll_interval, source.wake.notified()).await;
