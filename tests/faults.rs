@@ -1013,3 +1013,52 @@ async fn retryable_failures_back_off_exponentially_and_the_attempt_limit_is_conf
         "FIGURES backoff: retry 1 after {d1:.2} s, retry 3 after {d3:.2} s (base 2 s, ×2 per attempt, ±50%), exhausted at 4/4"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_read_service_counts_requests_by_route_and_status_on_metrics() {
+    let db = TestDb::new().await;
+    let mut serve = Proc::serve_with_metrics(&db.url, "metrics-serve");
+    serve.wait_listening(Duration::from_secs(30)).await;
+    let (_, token, _) = run_cli(&db.url, &["token", "--sub", "user-1"]);
+    let port = serve.http_port.unwrap();
+    let client = reqwest::Client::new();
+    for _ in 0..3 {
+        let ok = client
+            .get(format!("http://127.0.0.1:{port}/api/notifications"))
+            .bearer_auth(token.trim())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(ok.status(), 200);
+    }
+    let refused = client
+        .get(format!("http://127.0.0.1:{port}/api/notifications/unread"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 401);
+    let text = wait_for(
+        Duration::from_secs(10),
+        "the HTTP series on /metrics",
+        || async {
+            let text = serve.metrics_text().await?;
+            text.contains("notifyd_http_requests_total").then_some(text)
+        },
+    )
+    .await;
+    let ok = sample(
+        &text,
+        "notifyd_http_requests_total{method=\"GET\",route=\"/api/notifications\",status=\"200\"}",
+    );
+    let unauthorized = sample(
+        &text,
+        "notifyd_http_requests_total{method=\"GET\",route=\"/api/notifications/unread\",status=\"401\"}",
+    );
+    assert_eq!((ok, unauthorized), (3.0, 1.0), "{text}");
+    assert!(
+        text.contains("notifyd_http_request_duration_seconds"),
+        "no latency histogram\n{text}"
+    );
+    // Labels are route patterns: a user id or a query string never becomes a label.
+    assert!(!text.contains("user-1"), "{text}");
+}

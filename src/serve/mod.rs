@@ -82,6 +82,9 @@ pub struct ServeArgs {
     #[command(flatten)]
     pub jwt: JwtArgs,
 
+    #[command(flatten)]
+    pub metrics: crate::metrics::MetricsArgs,
+
     /// Requests each user may make per rate window (a burst of this many, refilled
     /// evenly over the window). Counted per serve process.
     #[arg(long, env = "NOTIFYD_USER_REQUESTS_PER_MINUTE", default_value_t = 120,
@@ -390,6 +393,9 @@ pub fn app(state: AppState) -> Router {
             .route("/demo/token", get(demo::token));
     }
     let router = router
+        // Counts and latencies by route pattern and status on /metrics; a route layer, so
+        // that the matched pattern (never the raw path) is known.
+        .route_layer(axum::middleware::from_fn(crate::metrics::track_http))
         .fallback(api::not_found)
         .method_not_allowed_fallback(api::method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(
@@ -523,6 +529,9 @@ pub async fn run(
     let tcp = TcpListener::bind(&address)
         .await
         .with_context(|| format!("cannot listen on {address} (NOTIFYD_LISTEN or PORT)"))?;
+    if let Some(listen) = args.metrics.listen() {
+        crate::metrics::serve(listen, shutdown.clone()).await?;
+    }
     tracing::info!(
         address = %tcp.local_addr().map_or(address.clone(), |a| a.to_string()),
         algorithm = ?settings.verifier.algorithm(),

@@ -125,6 +125,23 @@ impl Proc {
         Proc::spawn(name, &["serve"], database_url, &all, None, Some(port))
     }
 
+    /// `serve` with its Prometheus listener on a port of its own.
+    pub fn serve_with_metrics(database_url: &str, name: &str) -> Proc {
+        let port = free_port();
+        let env = vec![
+            ("NOTIFYD_LISTEN", format!("127.0.0.1:{port}")),
+            ("NOTIFYD_JWT_SECRET", JWT_SECRET.to_owned()),
+        ];
+        Proc::spawn(
+            name,
+            &["serve"],
+            database_url,
+            &env,
+            Some(free_port()),
+            Some(port),
+        )
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }

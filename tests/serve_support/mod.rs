@@ -39,6 +39,7 @@ pub fn args() -> ServeArgs {
             jwt_audience: Vec::new(),
             jwt_leeway_secs: 0,
         },
+        metrics: Default::default(),
         user_requests_per_minute: 100_000,
         user_rate_window_secs: 60,
         cors_origins: Vec::new(),
