@@ -4,12 +4,15 @@
 # Postgres (scripts/postgres.sh) -> release build -> `notifyd migrate` -> `notifyd worker`
 # and `notifyd serve` in the background (logs in .notifyd/logs/) -> a few demo events
 # for user 42 through the public SQL contract -> the resulting notifications, and the
-# curl command to read them over HTTP. Then it keeps running until Ctrl-C, which stops
-# worker and serve (the Postgres cluster keeps running; scripts/postgres.sh stop).
+# curl command to read them over HTTP, and the address of the demo inbox page (serve runs
+# with --demo for user 42 here: the page shows new notifications live, over SSE). Then it
+# keeps running until Ctrl-C, which stops worker and serve (the Postgres cluster keeps
+# running; scripts/postgres.sh stop).
 #
 # Env: DATABASE_URL (else a private cluster), NOTIFYD_JWT_SECRET (else a random dev
-# secret), NOTIFYD_LISTEN / PORT (where serve listens), NOTIFYD_RUN_ONCE=1 (stop and
-# exit 0 after the demo), plus the NOTIFYD_PG_* variables of scripts/postgres.sh.
+# secret), NOTIFYD_LISTEN / PORT (where serve listens), NOTIFYD_DEMO=0 (no demo page),
+# NOTIFYD_RUN_ONCE=1 (stop and exit 0 after the demo), plus the NOTIFYD_PG_* variables of
+# scripts/postgres.sh.
 set -euo pipefail
 # shellcheck source=scripts/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -144,6 +147,13 @@ http_host="${listen%:*}"
 case "$http_host" in 0.0.0.0 | "" | "[::]" | "::") http_host=127.0.0.1 ;; esac
 HTTP="http://$http_host:$http_port"
 
+# The demo page hands out tokens for user 42 to anyone who can reach it: on by default
+# here (a local development run), never in the Procfile.
+export NOTIFYD_DEMO="${NOTIFYD_DEMO:-1}" NOTIFYD_DEMO_USER="${NOTIFYD_DEMO_USER:-42}"
+if [[ "$NOTIFYD_DEMO" == 1 && "$http_host" != 127.* && "$http_host" != localhost ]]; then
+    warn "demo mode on a non-loopback address ($listen): anyone who reaches it can read user $NOTIFYD_DEMO_USER's notifications (NOTIFYD_DEMO=0 turns it off)"
+fi
+
 start worker worker
 start serve serve
 
@@ -228,6 +238,12 @@ if [[ "$token" =~ ^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+$ ]]; then
     fi
 else
     log "(no token: 'notifyd token --sub 42' is not available, so no curl example)"
+fi
+if [[ "$NOTIFYD_DEMO" == 1 ]]; then
+    echo
+    echo "${_n_bold}Demo inbox: open $HTTP/demo/ in a browser${_n_off} (user $NOTIFYD_DEMO_USER; new"
+    echo "notifications appear live, e.g. after the psql INSERT below)."
+    echo
 fi
 echo "Health: curl $HTTP/healthz"
 echo "Logs:   tail -f .notifyd/logs/worker.log .notifyd/logs/serve.log"

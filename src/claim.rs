@@ -280,6 +280,8 @@ pub async fn run_with_drain(
         let name = format!("{}-{}", settings.name, restarts);
         let span = tracing::info_span!("worker", worker = %name);
         let mut side_tasks = Vec::new();
+        // Held while a batch-mode claim statement runs (see `batches::Source::claiming`).
+        let claiming = std::sync::Arc::new(tokio::sync::Mutex::new(()));
         let running: futures::future::BoxFuture<'static, Result<(), WorkerError>> =
             match settings.mode {
                 ClaimMode::PerJob => {
@@ -332,6 +334,7 @@ pub async fn run_with_drain(
                         fetch_batch: settings.fetch_batch,
                         poll_interval: settings.poll_interval,
                         wake,
+                        claiming: claiming.clone(),
                     });
                     let worker = WorkerBuilder::new(name.clone())
                         .backend(backend)
@@ -373,6 +376,9 @@ pub async fn run_with_drain(
         for task in side_tasks.drain(..) {
             task.abort();
         }
+        // A claim that was in flight when the worker stopped still commits on the server;
+        // wait for it, so that the release below sees (and gives back) what it took.
+        let _ = tokio::time::timeout(RELEASE_TIMEOUT, claiming.lock()).await;
         match result {
             None => {
                 span.in_scope(|| {
