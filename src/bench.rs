@@ -335,12 +335,14 @@ fn spawn_workers(url: &str, args: &BenchArgs) -> anyhow::Result<Vec<Child>> {
         .collect()
 }
 
-fn peak_rss_mib(pid: u32) -> f64 {
+/// A memory figure of `pid` from `/proc/<pid>/status` (`VmHWM`: peak RSS, `VmRSS`: current
+/// RSS), in MiB; NaN when it cannot be read.
+fn status_mib(pid: u32, field: &str) -> f64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
             s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
+                .find(|l| l.starts_with(field))
                 .and_then(|l| l.split_whitespace().nth(1).map(str::to_owned))
         })
         .and_then(|kb| kb.parse::<f64>().ok())
@@ -348,17 +350,12 @@ fn peak_rss_mib(pid: u32) -> f64 {
         .unwrap_or(f64::NAN)
 }
 
+fn peak_rss_mib(pid: u32) -> f64 {
+    status_mib(pid, "VmHWM:")
+}
+
 fn current_rss_mib(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1).map(str::to_owned))
-        })
-        .and_then(|kb| kb.parse::<f64>().ok())
-        .map(|kb| kb / 1024.0)
-        .unwrap_or(f64::NAN)
+    status_mib(pid, "VmRSS:")
 }
 
 /// Steady load for `--soak-secs`: one INSERT per event at `--rate`, from a few producer
@@ -560,6 +557,19 @@ fn percentiles(mut ms: Vec<f64>) -> Option<Percentiles> {
 }
 
 async fn latency(pool: &PgPool, url: &str, args: &BenchArgs) -> anyhow::Result<Latencies> {
+    // Steady state first: the drain leaves its finished queue rows for the workers' cleanup
+    // loop, whose purge would otherwise run inside the measurement (at most 30 s).
+    let settle = Instant::now() + Duration::from_secs(30);
+    loop {
+        let done: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM apalis.jobs WHERE status = 'Done'")
+                .fetch_one(pool)
+                .await?;
+        if done == 0 || Instant::now() > settle {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let first_id: i64 = sqlx::query_scalar("SELECT COALESCE(max(id), 0) FROM notify.events")
         .fetch_one(pool)
         .await?;

@@ -14,7 +14,9 @@
 //!   retention window, so operators can inspect them until then;
 //! * notifications and processed events older than the retention window (7 days by
 //!   default); an event that never got an outcome is kept twice as long, for inspection;
-//! * `apalis.workers` rows of workers silent for a day that hold no job.
+//! * `apalis.workers` rows of workers silent for a day that hold no job;
+//! * dead tuples: [`vacuum_if_needed`] vacuums the queue and event tables when autovacuum
+//!   has let dead tuples pile up (or is off), so they stay bounded either way.
 
 use std::time::Duration;
 
@@ -157,4 +159,73 @@ where
             return Ok(total);
         }
     }
+}
+
+/// The tables whose dead tuples the worker watches: the queue (three row versions per job:
+/// claim, ack, purge), and the two tables that every event updates or inserts into.
+pub const VACUUMED_TABLES: [(&str, &str); 3] = [
+    ("apalis", "jobs"),
+    ("notify", "events"),
+    ("notify", "notifications"),
+];
+
+/// Advisory lock key (class "notf", key 2) held while one replica vacuums, so that replicas
+/// do not vacuum the same table at once.
+const VACUUM_LOCK: (i32, i32) = (0x6e6f_7466, 2);
+
+/// Vacuum the watched tables whose dead tuples exceed `max(min_dead, live / 4)`.
+///
+/// Autovacuum normally keeps them bounded, but it can be off (it is on some servers, and
+/// then the queue table grows by ~3 dead tuples per job: 1.9 million after a 10-minute soak
+/// at 1,000 events/s, see BENCHMARKS.md) or lag behind a burst. This is the safety net: a
+/// cheap statistics check, and a plain `VACUUM (SKIP_LOCKED)` (no exclusive lock; readers
+/// and writers carry on) when it is needed. It needs the table's owner, normally the role
+/// that migrated; for another role Postgres skips the table with a warning. Returns the
+/// tables vacuumed.
+pub async fn vacuum_if_needed(pool: &PgPool, min_dead: i64) -> Result<Vec<String>, sqlx::Error> {
+    let mut conn = pool.acquire().await?;
+    let mut vacuumed = Vec::new();
+    for (schema, table) in VACUUMED_TABLES {
+        let stats: Option<(i64, i64)> = sqlx::query_as(
+            "SELECT n_dead_tup, n_live_tup FROM pg_stat_user_tables
+             WHERE schemaname = $1 AND relname = $2",
+        )
+        .bind(schema)
+        .bind(table)
+        .fetch_optional(&mut *conn)
+        .await?;
+        let Some((dead, live)) = stats else { continue };
+        if dead < min_dead.max(live / 4) {
+            continue;
+        }
+        let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1, $2)")
+            .bind(VACUUM_LOCK.0)
+            .bind(VACUUM_LOCK.1)
+            .fetch_one(&mut *conn)
+            .await?;
+        if !locked {
+            continue;
+        }
+        let started = std::time::Instant::now();
+        let result = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "VACUUM (SKIP_LOCKED) {schema}.{table}"
+        )))
+        .execute(&mut *conn)
+        .await;
+        sqlx::query("SELECT pg_advisory_unlock($1, $2)")
+            .bind(VACUUM_LOCK.0)
+            .bind(VACUUM_LOCK.1)
+            .execute(&mut *conn)
+            .await?;
+        result?;
+        tracing::info!(
+            table = %format!("{schema}.{table}"),
+            dead_tuples = dead,
+            live_tuples = live,
+            secs = started.elapsed().as_secs_f64(),
+            "vacuumed (dead tuples were piling up; is autovacuum off?)"
+        );
+        vacuumed.push(format!("{schema}.{table}"));
+    }
+    Ok(vacuumed)
 }

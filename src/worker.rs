@@ -28,6 +28,10 @@ use crate::{claim, cleanup, db, metrics, ops};
 /// Time allowed, after the claim loop returned, for closing the connection pool.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// Dead tuples a watched table may hold before the worker vacuums it itself (see
+/// [`cleanup::vacuum_if_needed`]).
+const VACUUM_MIN_DEAD: i64 = 50_000;
+
 /// Run a worker until the shutdown signal.
 pub async fn run(
     database_url: &str,
@@ -223,6 +227,12 @@ async fn cleanup_loop(
         };
         if let Err(e) = result {
             tracing::warn!(error = %e, "cleanup failed; will try again");
+        }
+        // Every 6th pass (30 s by default): the dead-tuple safety net.
+        if tick.is_multiple_of(6)
+            && let Err(e) = cleanup::vacuum_if_needed(&pool, VACUUM_MIN_DEAD).await
+        {
+            tracing::warn!(error = %e, "vacuum check failed; will try again");
         }
         tick += 1;
         tokio::select! {

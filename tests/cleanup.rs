@@ -1,0 +1,70 @@
+//! The dead-tuple safety net: with autovacuum off for a table (as it is on some servers for
+//! all of them), the worker's own check vacuums it once dead tuples pile up.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::TestDb;
+
+async fn dead_tuples(pool: &sqlx::PgPool) -> i64 {
+    sqlx::query_scalar(
+        "SELECT n_dead_tup FROM pg_stat_user_tables WHERE schemaname = 'notify' AND relname = 'events'",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn dead_tuples_are_vacuumed_even_without_autovacuum() {
+    let db = TestDb::new().await;
+    let pool = &db.pool;
+    sqlx::query("ALTER TABLE notify.events SET (autovacuum_enabled = false)")
+        .execute(pool)
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO notify.events (user_id, event_type, body)
+         SELECT 'u' || g, 'new_message', 'hello ' || g FROM generate_series(1, 2000) AS g",
+    )
+    .execute(pool)
+    .await
+    .unwrap();
+    // Two row versions die per event: what recording outcomes does to the table.
+    for _ in 0..2 {
+        sqlx::query("UPDATE notify.events SET processed_at = now()")
+            .execute(pool)
+            .await
+            .unwrap();
+    }
+    // Statistics reach pg_stat_user_tables within about a second.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while dead_tuples(pool).await < 4000 {
+        assert!(
+            Instant::now() < deadline,
+            "the dead tuples never showed in the statistics"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Below the threshold: nothing happens.
+    let none = notifyd::cleanup::vacuum_if_needed(pool, 1_000_000)
+        .await
+        .unwrap();
+    assert!(none.is_empty(), "{none:?}");
+    assert!(dead_tuples(pool).await >= 4000);
+
+    let vacuumed = notifyd::cleanup::vacuum_if_needed(pool, 1000)
+        .await
+        .unwrap();
+    assert!(
+        vacuumed.contains(&"notify.events".to_owned()),
+        "{vacuumed:?}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while dead_tuples(pool).await > 0 {
+        assert!(Instant::now() < deadline, "the vacuum left dead tuples");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
