@@ -84,9 +84,8 @@ DOCUMENTED_REJECTIONS = (
 # Server or document bugs this test found, reported and not fixed yet: accepted so that CI
 # stays green meanwhile, and printed on every run. Delete an entry once it is fixed.
 KNOWN_BUGS = (
-    # The document declares the `Last-Event-ID` header as any int64 (no minimum), the
-    # service answers 400 to a negative one.
-    "`Last-Event-ID` must be one notification id",
+    # Empty: the one this test found (`Last-Event-ID` declared without a minimum, refused
+    # when negative) is fixed in the document.
 )
 
 dropped = {"count": 0}

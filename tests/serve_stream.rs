@@ -632,3 +632,34 @@ async fn a_lost_listener_loses_nothing() {
     writer.close().await;
     admin.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_ends_when_its_token_expires_and_resumes_with_a_fresh_one() {
+    let mut a = stream_args();
+    a.stream.stream_heartbeat_secs = 3600;
+    let s = Server::start_with(TestDb::new().await, a).await;
+    // exp in 2 to 3 s (the test server tolerates no clock skew).
+    let short = hs256(
+        SECRET.as_bytes(),
+        &json!({"sub": "alice", "exp": now_secs() + 3}),
+    );
+    let mut sse = open(&s, STREAM, Some(&short), None).await;
+    let first = add(&s.db, "alice", 1).await;
+    assert_eq!(sse.events(1).await, first);
+    let started = Instant::now();
+    let end = tokio::time::timeout(Duration::from_secs(10), sse.frame())
+        .await
+        .expect("the stream outlived its token");
+    assert_eq!(end, None, "the stream ended cleanly");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    // Its slot under the per-user cap is free again.
+    eventually(Duration::from_secs(5), || async {
+        (s.state.hub().streams() == 0).then_some(())
+    })
+    .await;
+    // What arrived meanwhile is replayed to the reconnecting client, with a fresh token.
+    let missed = add(&s.db, "alice", 2).await;
+    let last = first[0].to_string();
+    let mut again = open(&s, STREAM, Some(&token("alice")), Some(&last)).await;
+    assert_eq!(again.events(2).await, missed);
+}

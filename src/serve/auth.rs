@@ -136,6 +136,7 @@ impl UserId {
 #[derive(Deserialize)]
 struct Claims {
     sub: String,
+    exp: u64,
 }
 
 /// Verifies bearer tokens with the one configured key.
@@ -199,6 +200,13 @@ impl Verifier {
 
     /// Verify a bearer token and return its user.
     pub fn verify(&self, token: &str) -> Result<UserId, AuthFailure> {
+        self.verify_until(token).map(|(user, _)| user)
+    }
+
+    /// Verify a bearer token; return its user and the Unix second from which this
+    /// verifier refuses it (`exp` plus the tolerated clock skew). Long-lived responses
+    /// (streams) end then.
+    pub fn verify_until(&self, token: &str) -> Result<(UserId, u64), AuthFailure> {
         if token.len() > MAX_TOKEN_BYTES
             || token.split('.').count() != 3
             || !token
@@ -208,7 +216,11 @@ impl Verifier {
             return Err(AuthFailure::Invalid);
         }
         match jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation) {
-            Ok(data) => UserId::parse(data.claims.sub).ok_or(AuthFailure::Invalid),
+            Ok(data) => {
+                let until = data.claims.exp.saturating_add(self.validation.leeway);
+                let user = UserId::parse(data.claims.sub).ok_or(AuthFailure::Invalid)?;
+                Ok((user, until))
+            }
             Err(e) if matches!(e.kind(), ErrorKind::ExpiredSignature) => Err(AuthFailure::Expired),
             Err(e) => {
                 tracing::debug!(reason = ?e.kind(), "token rejected");
@@ -285,16 +297,22 @@ pub fn header_token(headers: &HeaderMap) -> Result<Option<&str>, ApiError> {
 /// Verify `token`, then spend one request of its user's budget: what every way of
 /// authenticating a request ends with.
 pub fn admit(state: &AppState, token: &str) -> Result<UserId, ApiError> {
-    let user = state
+    admit_until(state, token).map(|(user, _)| user)
+}
+
+/// [`admit`], also returning when the token stops being valid (see
+/// [`Verifier::verify_until`]).
+pub fn admit_until(state: &AppState, token: &str) -> Result<(UserId, u64), ApiError> {
+    let (user, until) = state
         .verifier()
-        .verify(token)
+        .verify_until(token)
         .map_err(ApiError::Unauthorized)?;
     tracing::Span::current().record("user", user.as_str());
     state
         .limiter()
         .check(user.as_str())
         .map_err(|retry_after| ApiError::RateLimited { retry_after })?;
-    Ok(user)
+    Ok((user, until))
 }
 
 #[derive(Serialize)]

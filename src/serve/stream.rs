@@ -209,7 +209,7 @@ pub async fn stream(
         (Some(token), None) | (None, Some(token)) => token,
         (None, None) => return Err(ApiError::Unauthorized(AuthFailure::Missing)),
     };
-    let user = auth::admit(&state, token)?;
+    let (user, valid_until) = auth::admit_until(&state, token)?;
     let resume = match last_event_id(&headers)? {
         Some(id) => Some(id),
         None => query.after,
@@ -252,6 +252,10 @@ pub async fn stream(
     let keep_alive = KeepAlive::new()
         .interval(state.stream_heartbeat())
         .text("heartbeat");
+    // A stream lives no longer than its token: at expiry it ends, and the client
+    // reconnects with a fresh token and `Last-Event-ID`, losing nothing.
+    let expires_in = Duration::from_secs(valid_until.saturating_sub(unix_now()));
+    let events = events.take_until(tokio::time::sleep(expires_in));
     let mut response = Sse::new(retry.chain(events))
         .keep_alive(keep_alive)
         .into_response();
@@ -331,6 +335,12 @@ impl Live {
             }
         }
     }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 #[cfg(test)]
