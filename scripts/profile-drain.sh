@@ -11,7 +11,7 @@
 #   scripts/profile-drain.sh
 #
 # Env: DATABASE_URL (else scripts/postgres.sh), PROFILE_EVENTS (100000), PROFILE_USERS
-#      (20000), PROFILE_CLAIM_MODE (batch), PROFILE_FLUSHERS (2), PROFILE_FETCH_BATCH (1000),
+#      (20000), PROFILE_CLAIM_MODE (batch), PROFILE_FLUSHERS (4), PROFILE_FETCH_BATCH (1000),
 #      PROFILE_PERF (0), BENCH_NO_BUILD=1 (use the existing target/release/notifyd).
 set -euo pipefail
 # shellcheck source=scripts/lib.sh
@@ -21,7 +21,7 @@ cd "$NOTIFYD_REPO"
 EVENTS="${PROFILE_EVENTS:-100000}"
 USERS="${PROFILE_USERS:-20000}"
 MODE="${PROFILE_CLAIM_MODE:-batch}"
-FLUSHERS="${PROFILE_FLUSHERS:-2}"
+FLUSHERS="${PROFILE_FLUSHERS:-4}"
 FETCH="${PROFILE_FETCH_BATCH:-1000}"
 SCRATCH="notifyd_profile_$$"
 WORK=$(mktemp -d)

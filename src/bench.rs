@@ -58,7 +58,7 @@ pub struct BenchArgs {
     pub store_batch: u32,
 
     /// Passed to each worker as --store-flushers.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 4)]
     pub store_flushers: u32,
 
     /// Steady arrival rate (events per second) for the latency phase; 0 skips the phase.

@@ -104,7 +104,7 @@ pub struct WorkerArgs {
     pub store_batch: u32,
 
     /// Store transactions running at once (in batch mode: batches in flight).
-    #[arg(long, env = "NOTIFYD_STORE_FLUSHERS", default_value_t = 2,
+    #[arg(long, env = "NOTIFYD_STORE_FLUSHERS", default_value_t = 4,
           value_parser = clap::value_parser!(u32).range(1..=64))]
     pub store_flushers: u32,
 
