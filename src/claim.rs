@@ -1,5 +1,13 @@
 //! Claim: the apalis worker that takes jobs from `apalis.jobs` and hands them to the
-//! group-commit [`Batcher`], and the rescue of jobs held by dead workers.
+//! pipeline, and the rescue of jobs held by dead workers.
+//!
+//! Two claim modes ([`ClaimMode`]) run on apalis's worker over the same table and states:
+//! * **batch** (default, [`batches`]): one apalis task is one claimed batch, processed in one
+//!   store transaction ([`Batcher::process_now`]) and acknowledged with one fenced statement.
+//!   Claim and ack errors are retried in place, so a database outage never stops it;
+//! * **per-job**: apalis-postgres's own backend, one task per job, regrouped into store
+//!   transactions by the group-commit [`Batcher`]. The points below about codecs, apalis's
+//!   acks and restarts are about this mode.
 //!
 //! How it is wired, and why:
 //! * **Queue name** `notifyd.events`, set explicitly (the trigger on `notify.events` writes it).
