@@ -2,7 +2,7 @@
 //! pipeline, and the rescue of jobs held by dead workers.
 //!
 //! Two claim modes ([`ClaimMode`]) run on apalis's worker over the same table and states:
-//! * **batch** (default, [`batches`]): one apalis task is one claimed batch, processed in one
+//! * **batch** (default, `claim::batches`): one apalis task is one claimed batch, processed in one
 //!   store transaction ([`Batcher::process_now`]) and acknowledged with one fenced statement.
 //!   Claim and ack errors are retried in place, so a database outage never stops it;
 //! * **per-job**: apalis-postgres's own backend, one task per job, regrouped into store
@@ -85,7 +85,7 @@ impl Codec<RawJob> for RawCodec {
 /// states; they differ in what one apalis task is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum ClaimMode {
-    /// One apalis task per claimed batch (see [`batches`]): claim, one store transaction
+    /// One apalis task per claimed batch (see `claim::batches`): claim, one store transaction
     /// and one set-based ack per batch. The default: it is several times faster.
     #[default]
     Batch,
