@@ -195,42 +195,8 @@ impl PageQuery {
     /// Parse a raw query string strictly: only `after`, `limit` and `wait`, each at most
     /// once, each a plain decimal integer in range, and `wait` only with `after`.
     pub fn parse(query: Option<&str>) -> Result<Self, ApiError> {
-        let mut after = None;
-        let mut limit = None;
-        let mut wait = None;
-        for (key, value) in url::form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
-            let slot = match &*key {
-                "after" => &mut after,
-                "limit" => &mut limit,
-                "wait" => &mut wait,
-                other => {
-                    let shown: String = other.chars().take(40).collect();
-                    return Err(ApiError::bad_request(
-                        "unknown_parameter",
-                        format!(
-                            "unknown query parameter `{shown}`: only `after`, `limit` and \
-                             `wait` are accepted"
-                        ),
-                    ));
-                }
-            };
-            if slot.is_some() {
-                return Err(ApiError::bad_request(
-                    "invalid_parameter",
-                    format!("`{key}` is given more than once"),
-                ));
-            }
-            *slot = Some(value);
-        }
-        let after = match after {
-            None => None,
-            Some(v) => Some(decimal(&v).ok_or_else(|| {
-                ApiError::bad_request(
-                    "invalid_parameter",
-                    "`after` must be a notification id: an integer from 0 to 9223372036854775807",
-                )
-            })?),
-        };
+        let [after, limit, wait] = strict_query(query, ["after", "limit", "wait"])?;
+        let after = parse_after(after)?;
         let limit = match limit {
             None => DEFAULT_LIMIT,
             Some(v) => decimal(&v)
@@ -289,8 +255,54 @@ pub fn wait_allowance(uri: &Uri) -> Duration {
         .map_or(Duration::ZERO, Duration::from_secs)
 }
 
+/// Split a query string strictly: every key must be one of `allowed`, each at most once.
+/// The values come back in the order of `allowed` (`None`: absent).
+pub(super) fn strict_query<const N: usize>(
+    query: Option<&str>,
+    allowed: [&str; N],
+) -> Result<[Option<String>; N], ApiError> {
+    let mut values: [Option<String>; N] = std::array::from_fn(|_| None);
+    for (key, value) in url::form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+        let Some(slot) = allowed.iter().position(|k| *k == key) else {
+            let shown: String = key.chars().take(40).collect();
+            let names: Vec<String> = allowed.iter().map(|k| format!("`{k}`")).collect();
+            let list = match names.split_last() {
+                Some((last, [])) => last.clone(),
+                Some((last, rest)) => format!("{} and {last}", rest.join(", ")),
+                None => String::new(),
+            };
+            return Err(ApiError::bad_request(
+                "unknown_parameter",
+                format!("unknown query parameter `{shown}`: only {list} are accepted"),
+            ));
+        };
+        if values[slot].is_some() {
+            return Err(ApiError::bad_request(
+                "invalid_parameter",
+                format!("`{key}` is given more than once"),
+            ));
+        }
+        values[slot] = Some(value.into_owned());
+    }
+    Ok(values)
+}
+
+/// The `after` cursor of a query: absent, or a notification id.
+pub(super) fn parse_after(value: Option<String>) -> Result<Option<i64>, ApiError> {
+    value
+        .map(|v| {
+            decimal(&v).ok_or_else(|| {
+                ApiError::bad_request(
+                    "invalid_parameter",
+                    "`after` must be a notification id: an integer from 0 to 9223372036854775807",
+                )
+            })
+        })
+        .transpose()
+}
+
 /// A non-negative decimal integer without sign, spaces or exponent.
-fn decimal(s: &str) -> Option<i64> {
+pub(super) fn decimal(s: &str) -> Option<i64> {
     if s.is_empty() || s.len() > 19 || !s.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }

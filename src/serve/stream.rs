@@ -97,53 +97,13 @@ pub struct StreamQuery {
 impl StreamQuery {
     /// Parse strictly: only `after` and `access_token`, each at most once.
     pub fn parse(query: Option<&str>) -> Result<Self, ApiError> {
-        let mut after = None;
-        let mut access_token = None;
-        for (key, value) in url::form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
-            let slot = match &*key {
-                "after" => &mut after,
-                "access_token" => &mut access_token,
-                other => {
-                    let shown: String = other.chars().take(40).collect();
-                    return Err(ApiError::bad_request(
-                        "unknown_parameter",
-                        format!(
-                            "unknown query parameter `{shown}`: only `after` and \
-                             `access_token` are accepted"
-                        ),
-                    ));
-                }
-            };
-            if slot.is_some() {
-                return Err(ApiError::bad_request(
-                    "invalid_parameter",
-                    format!("`{key}` is given more than once"),
-                ));
-            }
-            *slot = Some(value.into_owned());
-        }
-        let after = match after {
-            None => None,
-            Some(v) => Some(cursor(&v).ok_or_else(|| {
-                ApiError::bad_request(
-                    "invalid_parameter",
-                    "`after` must be a notification id: an integer from 0 to 9223372036854775807",
-                )
-            })?),
-        };
+        let [after, access_token] = api::strict_query(query, ["after", "access_token"])?;
+        let after = api::parse_after(after)?;
         Ok(StreamQuery {
             after,
             access_token,
         })
     }
-}
-
-/// A non-negative decimal id without sign, spaces or exponent.
-fn cursor(s: &str) -> Option<i64> {
-    if s.is_empty() || s.len() > 19 || !s.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    s.parse().ok()
 }
 
 /// The `Last-Event-ID` header: absent or empty is `None`.
@@ -165,7 +125,7 @@ fn last_event_id(headers: &HeaderMap) -> Result<Option<i64>, ApiError> {
     if value.is_empty() {
         return Ok(None);
     }
-    cursor(value).map(Some).ok_or_else(bad)
+    api::decimal(value).map(Some).ok_or_else(bad)
 }
 
 /// Stream this user's notifications.
