@@ -118,16 +118,8 @@ pub struct WorkerArgs {
           value_parser = clap::value_parser!(u64).range(10..=60_000))]
     pub poll_interval_ms: u64,
 
-    /// Seconds between worker heartbeats.
-    #[arg(long, env = "NOTIFYD_HEARTBEAT_SECS", default_value_t = 5,
-          value_parser = clap::value_parser!(u64).range(1..=300))]
-    pub heartbeat_secs: u64,
-
-    /// Heartbeats a worker may miss before its jobs are rescued by others
-    /// (rescue time = heartbeat × this).
-    #[arg(long, env = "NOTIFYD_MISSED_HEARTBEATS", default_value_t = 4,
-          value_parser = clap::value_parser!(u64).range(2..=100))]
-    pub missed_heartbeats: u64,
+    #[command(flatten)]
+    pub liveness: crate::ops::LivenessArgs,
 
     /// Most notifications per user in any rolling window.
     #[arg(long, env = "NOTIFYD_RATE_LIMIT", default_value_t = 100,
@@ -213,8 +205,8 @@ impl WorkerArgs {
             },
             fetch_batch: self.fetch_batch as usize,
             poll_interval: Duration::from_millis(self.poll_interval_ms),
-            heartbeat: Duration::from_secs(self.heartbeat_secs),
-            missed_heartbeats: self.missed_heartbeats as usize,
+            heartbeat: Duration::from_secs(self.liveness.heartbeat_secs),
+            missed_heartbeats: self.liveness.missed_heartbeats as usize,
             name,
         }
     }

@@ -34,17 +34,18 @@ const IS_FAILED: &str = "(status = 'Killed' OR (status = 'Failed' AND attempts >
 /// Rows changed per statement by `retry --all` and `discard --all`.
 const BULK_BATCH: i64 = 5000;
 
-/// How the status command tells live workers from dead ones. The same variables as the
-/// worker's, so that both agree when they share an environment.
+/// Worker liveness: the worker's heartbeat settings, and how the status command tells
+/// live workers from dead ones. One definition for both, so that they agree when they
+/// share an environment.
 #[derive(Debug, Clone, Args)]
 pub struct LivenessArgs {
-    /// Seconds between worker heartbeats (as configured on the workers).
+    /// Seconds between worker heartbeats.
     #[arg(long, env = "NOTIFYD_HEARTBEAT_SECS", default_value_t = 5,
           value_parser = clap::value_parser!(u64).range(1..=300))]
     pub heartbeat_secs: u64,
 
-    /// Heartbeats a worker may miss before its jobs are rescued (as configured on the
-    /// workers).
+    /// Heartbeats a worker may miss before its jobs are rescued by others (rescue time =
+    /// heartbeat × this).
     #[arg(long, env = "NOTIFYD_MISSED_HEARTBEATS", default_value_t = 4,
           value_parser = clap::value_parser!(u64).range(2..=100))]
     pub missed_heartbeats: u64,
