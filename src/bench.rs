@@ -543,6 +543,15 @@ struct Percentiles {
     max: f64,
 }
 
+fn show_percentiles(p: Option<Percentiles>) -> String {
+    p.map_or("-".to_owned(), |p| {
+        format!(
+            "p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+            p.p50, p.p99, p.max
+        )
+    })
+}
+
 fn percentiles(mut ms: Vec<f64>) -> Option<Percentiles> {
     if ms.is_empty() {
         return None;
@@ -663,24 +672,17 @@ async fn latency(pool: &PgPool, url: &str, args: &BenchArgs) -> anyhow::Result<L
     .bind(first_id)
     .fetch_all(pool)
     .await?;
+    let heard = readable.len();
     let out = Latencies {
         events: total,
-        readable: percentiles(readable.clone()),
+        readable: percentiles(readable),
         stamp: percentiles(stamps),
-    };
-    let show = |p: Option<Percentiles>| {
-        p.map_or("-".to_owned(), |p| {
-            format!(
-                "p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
-                p.p50, p.p99, p.max
-            )
-        })
     };
     eprintln!(
         "  latency: {total} events, {} heard; enqueue to readable: {}; db stamps: {}",
-        readable.len(),
-        show(out.readable),
-        show(out.stamp)
+        heard,
+        show_percentiles(out.readable),
+        show_percentiles(out.stamp)
     );
     Ok(out)
 }
@@ -715,25 +717,17 @@ fn print_report(r: &Report) {
         "  ratio drain / ceiling:        {}",
         r.ratio_to_ceiling.map_or("-".into(), |v| format!("{v:.3}"))
     );
-    let p = |v: Option<Percentiles>| {
-        v.map_or("-".to_owned(), |v| {
-            format!(
-                "p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
-                v.p50, v.p99, v.max
-            )
-        })
-    };
     println!(
         "  latency at {} events/s ({} events)",
         r.latency_rate, r.latency_events
     );
     println!(
         "    enqueue to readable (client): {}",
-        p(r.latency_readable_ms)
+        show_percentiles(r.latency_readable_ms)
     );
     println!(
         "    db stamps (event to row):     {}",
-        p(r.latency_stamp_ms)
+        show_percentiles(r.latency_stamp_ms)
     );
     println!(
         "  worker peak RSS (MiB):        {:?}",
