@@ -86,13 +86,10 @@ BIN="$(cd "${CARGO_TARGET_DIR:-target}" && pwd)/release/notifyd"
 
 step "Scratch database $SCRATCH: migrate and seed $USERS users x $PER_USER notifications"
 "$PSQL" -X -q -v ON_ERROR_STOP=1 -d "$DATABASE_URL" -c "CREATE DATABASE $SCRATCH" >/dev/null
-BENCH_URL=$(printf '%s' "$DATABASE_URL" | sed -E "s#^(postgres(ql)?://[^/?]*)(/[^?]*)?#\1/$SCRATCH#")
 # Both sides use the same URL, so the same sslmode: on one host, TLS to Postgres would
 # measure TLS libraries, not the service (BENCH_SSLMODE=prefer to include it anyway).
 SSLMODE="${BENCH_SSLMODE:-disable}"
-if [[ -n "$SSLMODE" && "$BENCH_URL" != *sslmode=* ]]; then
-    if [[ "$BENCH_URL" == *\?* ]]; then BENCH_URL+="&sslmode=$SSLMODE"; else BENCH_URL+="?sslmode=$SSLMODE"; fi
-fi
+BENCH_URL=$(url_for_database "$DATABASE_URL" "$SCRATCH" "$SSLMODE")
 DATABASE_URL="$BENCH_URL" "$BIN" migrate 2>>"$LOGS/bench-read.log"
 # Ids are chosen so that user u's notifications are u, U+u, 2U+u, ... (U = users): its
 # first id is u and its newest is (PER_USER-1)*U + u, which the load generators compute.

@@ -89,11 +89,8 @@ LOAD="$TARGET/examples/bench_stream"
 
 step "Scratch database $SCRATCH"
 "$PSQL" -X -q -v ON_ERROR_STOP=1 -d "$DATABASE_URL" -c "CREATE DATABASE $SCRATCH" >/dev/null
-BENCH_URL=$(printf '%s' "$DATABASE_URL" | sed -E "s#^(postgres(ql)?://[^/?]*)(/[^?]*)?#\1/$SCRATCH#")
 SSLMODE="${BENCH_SSLMODE:-disable}"
-if [[ -n "$SSLMODE" && "$BENCH_URL" != *sslmode=* ]]; then
-    if [[ "$BENCH_URL" == *\?* ]]; then BENCH_URL+="&sslmode=$SSLMODE"; else BENCH_URL+="?sslmode=$SSLMODE"; fi
-fi
+BENCH_URL=$(url_for_database "$DATABASE_URL" "$SCRATCH" "$SSLMODE")
 DATABASE_URL="$BENCH_URL" "$BIN" migrate 2>>"$LOGS/bench-stream.log"
 
 step "Start notifyd worker and notifyd serve on 127.0.0.1:$PORT_"

@@ -93,5 +93,16 @@ ensure_cargo() {
     fi
 }
 
+# The URL $1 pointed at database $2; with $3 (an sslmode), that sslmode unless the URL
+# sets one.
+url_for_database() {
+    local url
+    url=$(printf '%s' "$1" | sed -E "s#^(postgres(ql)?://[^/?]*)(/[^?]*)?#\1/$2#")
+    if [[ -n "${3:-}" && "$url" != *sslmode=* ]]; then
+        if [[ "$url" == *\?* ]]; then url+="&sslmode=$3"; else url+="?sslmode=$3"; fi
+    fi
+    printf '%s\n' "$url"
+}
+
 # Hide the password in a connection URL before printing it.
 redact_url() { printf '%s\n' "$1" | sed 's#^\([a-z]*://[^:/@]*\):[^@]*@#\1:***@#'; }

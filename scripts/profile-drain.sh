@@ -52,7 +52,7 @@ BIN="$(cd "${CARGO_TARGET_DIR:-target}" && pwd)/release/notifyd"
 
 step "Scratch database $SCRATCH: $EVENTS events over $USERS users"
 "$PSQL" -X -q -v ON_ERROR_STOP=1 -d "$DATABASE_URL" -c "CREATE DATABASE $SCRATCH" >/dev/null
-URL=$(printf '%s' "$DATABASE_URL" | sed -E "s#^(postgres(ql)?://[^/?]*)(/[^?]*)?#\1/$SCRATCH#")
+URL=$(url_for_database "$DATABASE_URL" "$SCRATCH")
 DATABASE_URL="$URL" "$BIN" migrate 2>/dev/null
 "$PSQL" -X -q -v ON_ERROR_STOP=1 -d "$URL" <<SQL
 INSERT INTO notify.events (user_id, event_type, body)
