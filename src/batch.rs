@@ -50,6 +50,8 @@ impl Default for BatchSettings {
 pub struct Batcher {
     sender: mpsc::Sender<(RawJob, Reply)>,
     pipeline: Pipeline,
+    /// Jobs answered with an outcome and committed, by this batcher and its clones.
+    committed: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Batcher {
@@ -57,18 +59,46 @@ impl Batcher {
     pub fn start(pipeline: Pipeline, settings: BatchSettings) -> Self {
         let (sender, receiver) = mpsc::channel(settings.max_batch * settings.flushers.max(1) * 2);
         let receiver = Arc::new(Mutex::new(receiver));
+        let committed = Arc::new(std::sync::atomic::AtomicU64::new(0));
         for _ in 0..settings.flushers.max(1) {
-            tokio::spawn(flush_loop(pipeline.clone(), settings, receiver.clone()));
+            tokio::spawn(flush_loop(
+                pipeline.clone(),
+                committed.clone(),
+                settings,
+                receiver.clone(),
+            ));
         }
-        Self { sender, pipeline }
+        Self {
+            sender,
+            pipeline,
+            committed,
+        }
     }
 
-    /// Process a batch that is already whole (the batch claim mode) in one store
-    /// transaction, counted like any other answer. The answers follow `jobs`' order.
-    pub async fn process_now(&self, jobs: &[RawJob]) -> Vec<Result<Outcome, JobError>> {
-        let answers = self.pipeline.process(jobs).await;
-        tally(&answers).record();
-        answers
+    /// Process a batch that is already whole (the batch claim mode) inside the caller's
+    /// open transaction (see [`Pipeline::process_in`]). Nothing is counted until the caller
+    /// has committed and calls [`Batcher::committed`] with the answers.
+    pub async fn process_in(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        jobs: &[RawJob],
+    ) -> Result<Vec<Result<Outcome, JobError>>, sqlx::Error> {
+        self.pipeline.process_in(tx, jobs).await
+    }
+
+    /// Count the answers of a batch whose transaction committed.
+    pub fn committed(&self, answers: &[Result<Outcome, JobError>]) {
+        let tally = tally(answers);
+        self.committed.fetch_add(
+            answers.iter().filter(|a| a.is_ok()).count() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        tally.record();
+    }
+
+    /// Jobs answered with an outcome (and committed) so far by this batcher and its clones.
+    pub fn outcomes_committed(&self) -> u64 {
+        self.committed.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Submit one job and wait for its answer.
@@ -85,6 +115,7 @@ impl Batcher {
 
 async fn flush_loop(
     pipeline: Pipeline,
+    committed: Arc<std::sync::atomic::AtomicU64>,
     settings: BatchSettings,
     receiver: Arc<Mutex<mpsc::Receiver<(RawJob, Reply)>>>,
 ) {
@@ -99,6 +130,10 @@ async fn flush_loop(
         let (jobs, replies): (Vec<RawJob>, Vec<Reply>) = batch.into_iter().unzip();
         let answers = pipeline.process(&jobs).await;
         tally(&answers).record();
+        committed.fetch_add(
+            answers.iter().filter(|a| a.is_ok()).count() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
         for (reply, answer) in replies.into_iter().zip(answers) {
             // The caller may have gone away (worker shutdown); its job stays in the queue.
             let _ = reply.send(answer);

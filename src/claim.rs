@@ -50,7 +50,7 @@ use tracing::Instrument;
 mod batches;
 
 use crate::batch::Batcher;
-use crate::metrics;
+use crate::{metrics, pipeline};
 use crate::pipeline::{JobError, Outcome};
 use crate::validate::{RawJob, parse_job};
 
@@ -188,73 +188,90 @@ struct BatchContext {
     batcher: Batcher,
     pool: PgPool,
     worker: String,
-    shutdown: watch::Receiver<bool>,
 }
 
-/// Process one claimed batch and acknowledge it. Never returns an error: a failed ack is
-/// retried until it succeeds or the worker stops (then the jobs are released or rescued).
+/// Process one claimed batch in its claim transaction, settle its jobs and commit. Never
+/// returns an error (apalis would only log it): whatever fails, the transaction rolls back
+/// and the jobs are claimable again; a non-transient failure also counts an attempt.
 async fn handle_batch(
     batch: batches::ClaimedBatch,
     ctx: Data<BatchContext>,
 ) -> Result<(), BoxDynError> {
     let now = now_ms() as i64;
-    for job in &batch.0 {
+    for job in &batch.jobs {
         CLAIM_WAIT.record(now.saturating_sub(job.due_ms).max(0) as f64 / 1e3);
     }
+    let Some(mut tx) = batch.take() else {
+        return Ok(());
+    };
     let span = tracing::debug_span!(
         "batch_task",
-        jobs = batch.0.len(),
-        first_job = batch.0.first().map(|j| j.id.as_str()),
+        jobs = batch.jobs.len(),
+        first_job = batch.jobs.first().map(|j| j.id.as_str()),
     );
     async {
         let started = Instant::now();
-        let answers = ctx.batcher.process_now(&batches::payloads(&batch)).await;
-        let processed = Instant::now();
-        for (job, answer) in batch.0.iter().zip(&answers) {
-            match answer {
-                Err(JobError::Bad(reason)) => {
-                    tracing::warn!(job = %job.id, %reason, "job refused")
-                }
-                Err(e @ JobError::Transient(_)) => {
-                    tracing::warn!(job = %job.id, error = %e, "job failed; it will be retried")
-                }
-                Ok(_) => {}
-            }
+        let result = async {
+            let answers = ctx
+                .batcher
+                .process_in(&mut tx, &batches::payloads(&batch))
+                .await?;
+            let processed = Instant::now();
+            batches::settle(&mut tx, &ctx.worker, &batch.jobs, &answers).await?;
+            let settled = Instant::now();
+            tx.commit().await?;
+            tracing::debug!(
+                jobs = batch.jobs.len(),
+                process_ms = (processed - started).as_secs_f64() * 1e3,
+                settle_ms = (settled - processed).as_secs_f64() * 1e3,
+                commit_ms = settled.elapsed().as_secs_f64() * 1e3,
+                "batch committed"
+            );
+            Ok::<_, sqlx::Error>(answers)
         }
-        let mut backoff = Duration::from_millis(50);
-        loop {
-            match batches::ack(&ctx.pool, &ctx.worker, &batch.0, &answers).await {
-                Ok(n) => {
-                    tracing::debug!(
-                        jobs = batch.0.len(),
-                        process_ms = (processed - started).as_secs_f64() * 1e3,
-                        ack_ms = processed.elapsed().as_secs_f64() * 1e3,
-                        "batch acknowledged"
-                    );
-                    if (n as usize) < batch.0.len() {
-                        tracing::warn!(
-                            acked = n,
-                            claimed = batch.0.len(),
-                            "some jobs were rescued from this worker before their ack; the rescuer owns them"
-                        );
+        .await;
+        match result {
+            Ok(answers) => {
+                for (job, answer) in batch.jobs.iter().zip(&answers) {
+                    if let Err(reason) = answer {
+                        tracing::warn!(job = %job.id, %reason, "job refused");
                     }
-                    return;
                 }
-                Err(e) if !*ctx.shutdown.borrow() => {
-                    tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "ack failed; retrying");
-                    tokio::time::sleep(backoff.mul_f64(0.5 + fastrand::f64())).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                ctx.batcher.committed(&answers);
+            }
+            // The transaction is gone with the error (dropping it rolls back): the jobs
+            // are back in the queue. A transient failure (lost connection, deadlock,
+            // server shutting down) is not the jobs' fault and costs no attempt; this
+            // slot pauses instead, so a failing database is not hammered.
+            Err(e) if pipeline::is_transient(&e) => {
+                let pause = Duration::from_millis(200).mul_f64(0.5 + fastrand::f64() * 4.0);
+                tracing::warn!(error = %e, jobs = batch.jobs.len(), retry_in_ms = pause.as_millis() as u64,
+                    "batch failed; its jobs are back in the queue");
+                count_retries(batch.jobs.len());
+                tokio::time::sleep(pause).await;
+            }
+            Err(e) => {
+                let reason = format!("batch failed: {e}");
+                match batches::fail(&ctx.pool, &ctx.worker, &batch.jobs, &reason).await {
+                    Ok(n) => tracing::error!(error = %e, jobs = n, "batch failed; its jobs will be retried after a backoff"),
+                    Err(e2) => tracing::error!(error = %e, mark_error = %e2, "batch failed; its jobs are back in the queue"),
                 }
-                Err(e) => {
-                    tracing::warn!(error = %e, "ack failed during shutdown; the jobs will be released or rescued");
-                    return;
-                }
+                count_retries(batch.jobs.len());
             }
         }
     }
     .instrument(span)
     .await;
     Ok(())
+}
+
+/// Count `n` jobs whose batch failed and that go back to the queue.
+fn count_retries(n: usize) {
+    let mut tally = metrics::OutcomeTally::default();
+    for _ in 0..n {
+        tally.transient_failure();
+    }
+    tally.record();
 }
 
 /// Run the worker until `shutdown` turns true, waiting for in-flight jobs as long as they
@@ -338,7 +355,6 @@ pub async fn run_with_drain(
                     ));
                     let backend = batches::backend(batches::Source {
                         pool: pool.clone(),
-                        worker: name.clone(),
                         fetch_batch: settings.fetch_batch,
                         poll_interval: settings.poll_interval,
                         wake,
@@ -351,7 +367,6 @@ pub async fn run_with_drain(
                             batcher: batcher.clone(),
                             pool: pool.clone(),
                             worker: name.clone(),
-                            shutdown: shutdown.clone(),
                         })
                         .build(handle_batch);
                     let mut stop = shutdown.clone();
@@ -392,7 +407,8 @@ pub async fn run_with_drain(
                 span.in_scope(|| {
                     tracing::warn!(
                         drain_secs = drain.unwrap_or_default().as_secs_f64(),
-                        "in-flight jobs did not finish before the shutdown deadline; releasing them"
+                        "in-flight jobs did not finish before the shutdown deadline; they are released \
+                         (batch mode: their transactions roll back; per-job mode: see below)"
                     )
                 });
                 return release_after_stop(&pool, &name, settings.rescue_after())

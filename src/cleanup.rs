@@ -14,6 +14,8 @@
 //!   retention window, so operators can inspect them until then;
 //! * notifications and processed events older than the retention window (7 days by
 //!   default); an event that never got an outcome is kept twice as long, for inspection;
+//! * `notify.rate_windows` rows whose newest stamp is older than the longest rate window
+//!   the worker accepts (7 days): they can no longer change a decision;
 //! * `apalis.workers` rows of workers silent for a day that hold no job;
 //! * dead tuples: [`vacuum_if_needed`] vacuums the queue and event tables when autovacuum
 //!   has let dead tuples pile up (or is off), so they stay bounded either way.
@@ -50,6 +52,7 @@ pub struct Report {
     pub failed_jobs: u64,
     pub notifications: u64,
     pub events: u64,
+    pub rate_windows: u64,
     pub workers: u64,
 }
 
@@ -126,6 +129,20 @@ pub async fn run_once(pool: &PgPool, retention: Retention) -> Result<Report, sql
         .execute(pool)
     })
     .await?;
+    // The store upserts these rows under the user's lock; a row deleted here held only
+    // stamps that no window can reach, so the next upsert simply starts a new one.
+    let rate_windows = repeat(batch, || {
+        sqlx::query(
+            "DELETE FROM notify.rate_windows
+             WHERE user_id = ANY(ARRAY(
+                 SELECT user_id FROM notify.rate_windows
+                 WHERE stamps[1] < now() - interval '7 days'
+                 LIMIT $1 FOR UPDATE SKIP LOCKED))",
+        )
+        .bind(batch)
+        .execute(pool)
+    })
+    .await?;
     let workers = sqlx::query(
         "DELETE FROM apalis.workers AS w
          WHERE w.worker_type = $1
@@ -141,6 +158,7 @@ pub async fn run_once(pool: &PgPool, retention: Retention) -> Result<Report, sql
         failed_jobs,
         notifications,
         events,
+        rate_windows,
         workers,
     })
 }
@@ -162,11 +180,12 @@ where
 }
 
 /// The tables whose dead tuples the worker watches: the queue (three row versions per job:
-/// claim, ack, purge), and the two tables that every event updates or inserts into.
-pub const VACUUMED_TABLES: [(&str, &str); 3] = [
+/// claim, ack, purge), and the tables that every event updates or inserts into.
+pub const VACUUMED_TABLES: [(&str, &str); 4] = [
     ("apalis", "jobs"),
     ("notify", "events"),
     ("notify", "notifications"),
+    ("notify", "rate_windows"),
 ];
 
 /// Advisory lock key (class "notf", key 2) held while one replica vacuums, so that replicas

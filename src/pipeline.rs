@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use sqlx::PgPool;
+use sqlx::{PgConnection, PgPool};
 use tracing::Instrument;
 
 use crate::metrics;
@@ -101,44 +101,32 @@ impl Pipeline {
         }
     }
 
-    /// Process a batch; the answers are in the same order as `jobs`.
+    /// Process a batch; the answers are in the same order as `jobs`. Database failures are
+    /// retried with backoff (see [`RetryPolicy`]); if they persist, every job whose event
+    /// was loadable gets [`JobError::Transient`].
     pub async fn process(&self, jobs: &[RawJob]) -> Vec<Result<Outcome, JobError>> {
-        let parsed: Vec<Result<i64, BadJob>> = jobs.iter().map(parse_job).collect();
-        let mut ids: Vec<i64> = parsed
-            .iter()
-            .filter_map(|r| r.as_ref().ok().copied())
-            .collect();
-        ids.sort_unstable();
-        ids.dedup();
+        let (parsed, ids) = parse_all(jobs);
+        let decided = self.decide(ids).instrument(batch_span(jobs, &parsed)).await;
+        answer_all(parsed, &decided)
+    }
 
-        let span = tracing::info_span!(
-            "batch",
-            jobs = jobs.len(),
-            events = ids.len(),
-            first_event = ids.first().copied(),
-            last_event = ids.last().copied(),
-        );
-        ::metrics::histogram!(metrics::BATCH_JOBS).record(jobs.len() as f64);
-        let decided = self.decide(ids).instrument(span).await;
-        let mut seen = HashSet::new();
-        parsed
-            .into_iter()
-            .map(|p| {
-                let id = p?;
-                let answer = match &decided {
-                    Ok(map) => map
-                        .get(&id)
-                        .cloned()
-                        .unwrap_or(Err(JobError::Bad(BadJob::NoSuchEvent(id)))),
-                    Err(e) => Err(e.clone()),
-                };
-                // Two jobs for one event in the same batch: the first gets the outcome.
-                if !seen.insert(id) && answer.is_ok() {
-                    return Ok(Outcome::Duplicate);
-                }
-                answer
-            })
-            .collect()
+    /// Process a batch inside the caller's open transaction, once (no retry: a failed
+    /// statement leaves the transaction unusable, so the caller rolls back and the jobs
+    /// stay in the queue). On `Ok`, every answer is an [`Outcome`] or a [`JobError::Bad`],
+    /// in the same order as `jobs`, and nothing is committed until the caller commits.
+    pub async fn process_in(
+        &self,
+        tx: &mut PgConnection,
+        jobs: &[RawJob],
+    ) -> Result<Vec<Result<Outcome, JobError>>, sqlx::Error> {
+        let (parsed, ids) = parse_all(jobs);
+        let span = batch_span(jobs, &parsed);
+        let decided = if ids.is_empty() {
+            HashMap::new()
+        } else {
+            self.decide_in(tx, &ids).instrument(span).await?
+        };
+        Ok(answer_all(parsed, &Ok(decided)))
     }
 
     /// Decide every event in `ids`, retrying database failures with backoff.
@@ -172,14 +160,26 @@ impl Pipeline {
         &self,
         ids: &[i64],
     ) -> Result<HashMap<i64, Result<Outcome, JobError>>, sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        let answers = self.decide_in(&mut tx, ids).await?;
+        tx.commit().await?;
+        Ok(answers)
+    }
+
+    /// Load, sanitize and store `ids` in the open transaction `tx`.
+    async fn decide_in(
+        &self,
+        tx: &mut PgConnection,
+        ids: &[i64],
+    ) -> Result<HashMap<i64, Result<Outcome, JobError>>, sqlx::Error> {
         let t0 = std::time::Instant::now();
-        let rows = store::fetch_events(&self.pool, ids).await?;
+        let rows = store::fetch_events(&mut *tx, ids).await?;
         let t1 = std::time::Instant::now();
         let (mut answers, prepared) = tokio::task::spawn_blocking(move || prepare(rows))
             .await
             .map_err(|e| sqlx::Error::Protocol(format!("sanitizer task failed: {e}")))?;
         let t2 = std::time::Instant::now();
-        let decisions = store::apply_batch(&self.pool, &prepared, self.rate, self.now).await?;
+        let decisions = store::apply_in(tx, &prepared, self.rate, self.now).await?;
         ::metrics::histogram!(metrics::STORE_SECONDS).record(t2.elapsed().as_secs_f64());
         tracing::debug!(
             batch = ids.len(),
@@ -208,6 +208,57 @@ impl Pipeline {
         }
         Ok(answers)
     }
+}
+
+type Decided = Result<HashMap<i64, Result<Outcome, JobError>>, JobError>;
+
+/// Parse every payload; also the distinct event ids, sorted.
+fn parse_all(jobs: &[RawJob]) -> (Vec<Result<i64, BadJob>>, Vec<i64>) {
+    let parsed: Vec<Result<i64, BadJob>> = jobs.iter().map(parse_job).collect();
+    let mut ids: Vec<i64> = parsed
+        .iter()
+        .filter_map(|r| r.as_ref().ok().copied())
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    ::metrics::histogram!(metrics::BATCH_JOBS).record(jobs.len() as f64);
+    (parsed, ids)
+}
+
+fn batch_span(jobs: &[RawJob], parsed: &[Result<i64, BadJob>]) -> tracing::Span {
+    let ids = parsed.iter().filter_map(|r| r.as_ref().ok());
+    tracing::info_span!(
+        "batch",
+        jobs = jobs.len(),
+        first_event = ids.clone().min().copied(),
+        last_event = ids.max().copied(),
+    )
+}
+
+/// One answer per parsed job, in order. Two jobs for one event in the same batch: the
+/// first gets the outcome, the others `duplicate`.
+fn answer_all(
+    parsed: Vec<Result<i64, BadJob>>,
+    decided: &Decided,
+) -> Vec<Result<Outcome, JobError>> {
+    let mut seen = HashSet::new();
+    parsed
+        .into_iter()
+        .map(|p| {
+            let id = p?;
+            let answer = match decided {
+                Ok(map) => map
+                    .get(&id)
+                    .cloned()
+                    .unwrap_or(Err(JobError::Bad(BadJob::NoSuchEvent(id)))),
+                Err(e) => Err(e.clone()),
+            };
+            if !seen.insert(id) && answer.is_ok() {
+                return Ok(Outcome::Duplicate);
+            }
+            answer
+        })
+        .collect()
 }
 
 /// Validate and sanitize loaded rows. Rows already processed are answered at once.
