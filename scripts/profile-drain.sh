@@ -90,7 +90,7 @@ RATE=$("$PSQL" -X -t -A -d "$URL" -c \
 python3 - "$WORK/worker.log" "$EVENTS" "$RATE" "$WORKER_CPU" "$PG_CPU" <<'PY'
 import json, sys
 path, events, rate, wcpu, pcpu = sys.argv[1], int(sys.argv[2]), sys.argv[3], float(sys.argv[4]), float(sys.argv[5])
-steps = {k: [] for k in ("claim_ms", "load_ms", "sanitize_ms", "store_ms", "process_ms", "ack_ms")}
+steps = {k: [] for k in ("claim_ms", "load_ms", "sanitize_ms", "store_ms", "process_ms", "settle_ms", "commit_ms")}
 jobs = []
 for line in open(path):
     try:
@@ -100,7 +100,7 @@ for line in open(path):
     for k in steps:
         if k in fields:
             steps[k].append(float(fields[k]))
-    if "ack_ms" in fields:
+    if "settle_ms" in fields:
         jobs.append(int(fields.get("jobs", 0)))
 per_k = lambda total: total / events * 1000
 print()

@@ -50,9 +50,9 @@ use tracing::Instrument;
 mod batches;
 
 use crate::batch::Batcher;
-use crate::{metrics, pipeline};
 use crate::pipeline::{JobError, Outcome};
 use crate::validate::{RawJob, parse_job};
+use crate::{metrics, pipeline};
 
 /// The apalis queue (`apalis.jobs.job_type`) that `notify.enqueue_events` writes.
 pub const QUEUE: &str = "notifyd.events";

@@ -158,7 +158,7 @@ pub struct WorkerArgs {
     /// server ends it (idle_in_transaction_session_timeout; 0 turns it off). A frozen or
     /// partitioned worker would otherwise keep its row and advisory locks, and stall the
     /// rescue of its jobs and other replicas' batches for the same users.
-    #[arg(long, env = "NOTIFYD_IDLE_TX_TIMEOUT_SECS", default_value_t = 10,
+    #[arg(long, env = "NOTIFYD_IDLE_TX_TIMEOUT_SECS", default_value_t = 5,
           value_parser = clap::value_parser!(u64).range(0..=3600))]
     pub idle_tx_timeout_secs: u64,
 

@@ -33,6 +33,21 @@ pub async fn connect(url: &str, max: u32, app: &str) -> anyhow::Result<PgPool> {
         .max_connections(max)
         .min_connections(0)
         .acquire_timeout(Duration::from_secs(10))
+        .after_connect(|conn, _| {
+            Box::pin(async move {
+                // A session whose client is gone (killed, or a worker that stopped while a
+                // statement waited on a lock) is ended within a second even while it waits,
+                // so its transaction's row locks (a batch's claimed jobs) go with it.
+                // Postgres 14 and later; older servers refuse the setting, which is fine.
+                if let Err(e) = sqlx::query("SET client_connection_check_interval = 1000")
+                    .execute(&mut *conn)
+                    .await
+                {
+                    tracing::debug!(error = %e, "client_connection_check_interval not available");
+                }
+                Ok(())
+            })
+        })
         .connect_with(options)
         .await
         .context("cannot connect to the database at DATABASE_URL")

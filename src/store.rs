@@ -156,10 +156,7 @@ pub const ANNOUNCE_CHANNEL: &str = "notifyd_notifications";
 /// Postgres refuses NOTIFY payloads of 8000 bytes or more.
 pub const ANNOUNCE_MAX_BYTES: usize = 7000;
 
-async fn announce(
-    tx: &mut PgConnection,
-    decisions: &[Decision],
-) -> Result<(), sqlx::Error> {
+async fn announce(tx: &mut PgConnection, decisions: &[Decision]) -> Result<(), sqlx::Error> {
     let mut newest: std::collections::BTreeMap<&str, i64> = Default::default();
     for d in decisions {
         if let Some(id) = d.notification_id {
@@ -247,24 +244,21 @@ inserted AS (
     RETURNING event_id, id, user_id
 ),
 windowed AS (
-    -- Add this transaction's stamp; keep the entries inside the window, newest first, and
-    -- only while fewer than `limit` newer notifications precede them (older ones cannot
-    -- change a decision).
+    -- Put this transaction's stamp first (newest first); keep the older entries that are
+    -- still inside the window, and no more than `limit` entries in all: each entry stands
+    -- for at least one notification, so entries after the newest `limit` cannot change a
+    -- decision.
     INSERT INTO notify.rate_windows AS w (user_id, stamps, counts)
     SELECT i.user_id, ARRAY[clock.now], ARRAY[count(*)::integer]
     FROM inserted AS i, clock
     GROUP BY i.user_id, clock.now
     ON CONFLICT (user_id) DO UPDATE
-    SET (stamps, counts) = (
-        SELECT COALESCE(array_agg(k.s ORDER BY k.s DESC), '{}'),
-               COALESCE(array_agg(k.c ORDER BY k.s DESC), '{}')
-        FROM (SELECT x.s, x.c,
-                     COALESCE(sum(x.c) OVER (ORDER BY x.s DESC
-                                             ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING),
-                              0) AS newer
-              FROM unnest(EXCLUDED.stamps || w.stamps, EXCLUDED.counts || w.counts) AS x(s, c)
-              WHERE x.s > EXCLUDED.stamps[1] - $9::interval) AS k
-        WHERE k.newer < $8)
+    SET stamps = (EXCLUDED.stamps
+                  || ARRAY(SELECT x.s FROM unnest(w.stamps, w.counts) AS x(s, c)
+                           WHERE x.s > EXCLUDED.stamps[1] - $9::interval))[1:$8::integer],
+        counts = (EXCLUDED.counts
+                  || ARRAY(SELECT x.c FROM unnest(w.stamps, w.counts) AS x(s, c)
+                           WHERE x.s > EXCLUDED.stamps[1] - $9::interval))[1:$8::integer]
     RETURNING 1
 ),
 recorded AS (

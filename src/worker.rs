@@ -39,9 +39,12 @@ pub async fn run(
     shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let url = with_idle_tx_timeout(database_url, Duration::from_secs(args.idle_tx_timeout_secs));
-    let pool = db::connect(&url, args.db_pool, "notifyd-worker").await?;
-    db::check_schema(&pool).await?;
     let claim_settings = args.claim();
+    // The replica's name in pg_stat_activity, so that an operator (or a test) can tell
+    // which replica holds which session and, in batch mode, which row locks.
+    let app = format!("notifyd-worker:{}", claim_settings.name);
+    let pool = db::connect(&url, args.db_pool, &app).await?;
+    db::check_schema(&pool).await?;
     let rescue_after = claim_settings.rescue_after();
     // Bind first, so that a bad address fails before any job is claimed.
     let metrics_listener = match args.metrics.listen() {

@@ -372,16 +372,36 @@ pub async fn done_events(pool: &PgPool) -> i64 {
     .await
 }
 
-/// Jobs claimed (and not finished) by the apalis instances of worker `name`.
+/// Jobs claimed (and not finished) by worker process `name`: in batch mode, the queue rows
+/// its open claim transactions hold locked (a row lock leaves the row's `xmax` set to the
+/// locker's transaction id, and the worker's sessions carry its name in
+/// `application_name`); in per-job mode, the rows its apalis instances marked `Queued` or
+/// `Running`.
 pub async fn held_by(pool: &PgPool, name: &str) -> i64 {
     sqlx::query_scalar(
-        "SELECT count(*) FROM apalis.jobs
-         WHERE lock_by LIKE $1 || '-%' AND status IN ('Queued', 'Running')",
+        "SELECT (SELECT count(*) FROM apalis.jobs
+                 WHERE lock_by LIKE $1 || '-%' AND status IN ('Queued', 'Running'))
+              + (SELECT count(*) FROM apalis.jobs
+                 WHERE xmax IN (SELECT backend_xid FROM pg_stat_activity
+                                WHERE application_name = 'notifyd-worker:' || $1
+                                  AND backend_xid IS NOT NULL))",
     )
     .bind(name)
     .fetch_one(pool)
     .await
     .expect("held_by")
+}
+
+/// Database sessions of worker process `name`.
+pub async fn sessions_of(pool: &PgPool, name: &str) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity
+         WHERE datname = current_database() AND application_name = 'notifyd-worker:' || $1",
+    )
+    .bind(name)
+    .fetch_one(pool)
+    .await
+    .expect("sessions_of")
 }
 
 /// Jobs of our queue with work left (pending, claimed, running or waiting to retry).
@@ -427,11 +447,6 @@ pub struct Delivery {
     pub mismatched: i64,
     /// Bodies delivered more than once (bodies are unique per event): user-visible duplicates.
     pub duplicate_bodies: i64,
-    /// Job runs that found their event already decided (answered `duplicate`): harmless
-    /// re-runs, counted from the finished queue rows.
-    pub duplicate_runs: i64,
-    /// Finished jobs that ran more than once (attempts > 1).
-    pub rerun_jobs: i64,
     /// Most notifications any user got.
     pub max_per_user: i64,
 }
@@ -463,17 +478,6 @@ pub async fn delivery(pool: &PgPool) -> Delivery {
             pool,
             "SELECT COALESCE(sum(c - 1), 0)::int8 FROM
                (SELECT count(*) AS c FROM notify.notifications GROUP BY user_id, body) AS x",
-        )
-        .await,
-        duplicate_runs: scalar(
-            pool,
-            "SELECT count(*) FROM apalis.jobs
-             WHERE status = 'Done' AND last_result->'Ok'->>'outcome' = 'duplicate'",
-        )
-        .await,
-        rerun_jobs: scalar(
-            pool,
-            "SELECT count(*) FROM apalis.jobs WHERE status = 'Done' AND attempts > 1",
         )
         .await,
         max_per_user: scalar(
