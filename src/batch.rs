@@ -82,8 +82,9 @@ impl Batcher {
         &self,
         tx: &mut sqlx::PgConnection,
         jobs: &[RawJob],
+        job_ids: &[&str],
     ) -> Result<Vec<Result<Outcome, JobError>>, sqlx::Error> {
-        self.pipeline.process_in(tx, jobs).await
+        self.pipeline.process_in(tx, jobs, job_ids).await
     }
 
     /// Count the answers of a batch whose transaction committed.

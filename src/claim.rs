@@ -212,9 +212,10 @@ async fn handle_batch(
     async {
         let started = Instant::now();
         let result = async {
+            let job_ids: Vec<&str> = batch.jobs.iter().map(|j| j.id.as_str()).collect();
             let answers = ctx
                 .batcher
-                .process_in(&mut tx, &batches::payloads(&batch))
+                .process_in(&mut tx, &batches::payloads(&batch), &job_ids)
                 .await?;
             let processed = Instant::now();
             batches::settle(&mut tx, &ctx.worker, &batch.jobs, &answers).await?;

@@ -114,17 +114,27 @@ impl Pipeline {
     /// statement leaves the transaction unusable, so the caller rolls back and the jobs
     /// stay in the queue). On `Ok`, every answer is an [`Outcome`] or a [`JobError::Bad`],
     /// in the same order as `jobs`, and nothing is committed until the caller commits.
+    ///
+    /// `job_ids` are the queue rows of `jobs` (same order): the ones whose event exists
+    /// are deleted in the store statement, since they get an outcome (see
+    /// [`store::apply_in`]); the others get [`JobError::Bad`] and are the caller's to settle.
     pub async fn process_in(
         &self,
         tx: &mut PgConnection,
         jobs: &[RawJob],
+        job_ids: &[&str],
     ) -> Result<Vec<Result<Outcome, JobError>>, sqlx::Error> {
         let (parsed, ids) = parse_all(jobs);
         let span = batch_span(jobs, &parsed);
+        let by_event: Vec<(i64, &str)> = parsed
+            .iter()
+            .zip(job_ids)
+            .filter_map(|(p, job)| p.as_ref().ok().map(|&event| (event, *job)))
+            .collect();
         let decided = if ids.is_empty() {
             HashMap::new()
         } else {
-            self.decide_in(tx, &ids).instrument(span).await?
+            self.decide_in(tx, &ids, &by_event).instrument(span).await?
         };
         Ok(answer_all(parsed, &Ok(decided)))
     }
@@ -161,25 +171,33 @@ impl Pipeline {
         ids: &[i64],
     ) -> Result<HashMap<i64, Result<Outcome, JobError>>, sqlx::Error> {
         let mut tx = self.pool.begin().await?;
-        let answers = self.decide_in(&mut tx, ids).await?;
+        let answers = self.decide_in(&mut tx, ids, &[]).await?;
         tx.commit().await?;
         Ok(answers)
     }
 
-    /// Load, sanitize and store `ids` in the open transaction `tx`.
+    /// Load, sanitize and store `ids` in the open transaction `tx`. Of `jobs` (event id,
+    /// queue row), the rows whose event exists are deleted in the same statement.
     async fn decide_in(
         &self,
         tx: &mut PgConnection,
         ids: &[i64],
+        jobs: &[(i64, &str)],
     ) -> Result<HashMap<i64, Result<Outcome, JobError>>, sqlx::Error> {
         let t0 = std::time::Instant::now();
         let rows = store::fetch_events(&mut *tx, ids).await?;
+        let found: HashSet<i64> = rows.iter().map(|r| r.id).collect();
+        let finished: Vec<&str> = jobs
+            .iter()
+            .filter(|(event, _)| found.contains(event))
+            .map(|(_, job)| *job)
+            .collect();
         let t1 = std::time::Instant::now();
         let (mut answers, prepared) = tokio::task::spawn_blocking(move || prepare(rows))
             .await
             .map_err(|e| sqlx::Error::Protocol(format!("sanitizer task failed: {e}")))?;
         let t2 = std::time::Instant::now();
-        let decisions = store::apply_in(tx, &prepared, self.rate, self.now).await?;
+        let decisions = store::apply_in(tx, &prepared, &finished, self.rate, self.now).await?;
         ::metrics::histogram!(metrics::STORE_SECONDS).record(t2.elapsed().as_secs_f64());
         tracing::debug!(
             batch = ids.len(),

@@ -94,21 +94,28 @@ pub async fn fetch_events<'e>(
 
 /// Apply a batch inside the caller's open transaction: per-user locks, the decisions, the
 /// notifications and the announcement; the caller commits (or rolls back, and then nothing
-/// happened). Events that already had an outcome are not in the result (they are
+/// happened). `finished_jobs` are queue rows (`apalis.jobs.id`) to delete in the same
+/// statement: the batch claim mode's finished jobs, so that settling them costs no round
+/// trip of its own. Events that already had an outcome are not in the result (they are
 /// duplicates of an earlier run). `now` is for tests; `None` means the database clock.
 pub async fn apply_in(
     tx: &mut PgConnection,
     batch: &[Prepared],
+    finished_jobs: &[&str],
     rate: RateLimit,
     now: Option<DateTime<Utc>>,
 ) -> Result<Vec<Decision>, sqlx::Error> {
     if batch.is_empty() {
+        if !finished_jobs.is_empty() {
+            sqlx::query("DELETE FROM apalis.jobs WHERE id = ANY($1)")
+                .bind(finished_jobs)
+                .execute(&mut *tx)
+                .await?;
+        }
         return Ok(Vec::new());
     }
     lock_users(tx, batch.iter().map(|p| p.user_id.as_str())).await?;
-    let decisions = decide_and_store(tx, batch, rate, now).await?;
-    announce(tx, &decisions).await?;
-    Ok(decisions)
+    decide_and_store(tx, batch, finished_jobs, rate, now).await
 }
 
 /// [`apply_in`] in a transaction of its own.
@@ -122,7 +129,7 @@ pub async fn apply_batch(
         return Ok(Vec::new());
     }
     let mut tx = pool.begin().await?;
-    let decisions = apply_in(&mut tx, batch, rate, now).await?;
+    let decisions = apply_in(&mut tx, batch, &[], rate, now).await?;
     tx.commit().await?;
     Ok(decisions)
 }
@@ -150,44 +157,10 @@ async fn lock_users<'a>(
 
 /// The channel on which a committed batch announces new notifications, for the read
 /// service's in-memory watermarks. Each payload is a JSON array of `[user_id, max_id]`
-/// pairs, at most [`ANNOUNCE_MAX_BYTES`] long; a batch sends as many payloads as it needs.
-/// NOTIFY is transactional: listeners hear it only if the batch commits.
+/// pairs; the store statement splits a batch's users into payloads of at most about
+/// 7,000 bytes (Postgres refuses 8,000), counting every byte of a user id as if JSON had to
+/// escape it. NOTIFY is transactional: listeners hear it only if the batch commits.
 pub const ANNOUNCE_CHANNEL: &str = "notifyd_notifications";
-/// Postgres refuses NOTIFY payloads of 8000 bytes or more.
-pub const ANNOUNCE_MAX_BYTES: usize = 7000;
-
-async fn announce(tx: &mut PgConnection, decisions: &[Decision]) -> Result<(), sqlx::Error> {
-    let mut newest: std::collections::BTreeMap<&str, i64> = Default::default();
-    for d in decisions {
-        if let Some(id) = d.notification_id {
-            let max = newest.entry(d.user_id.as_str()).or_insert(id);
-            *max = (*max).max(id);
-        }
-    }
-    if newest.is_empty() {
-        return Ok(());
-    }
-    let mut payloads = Vec::new();
-    let mut current: Vec<(&str, i64)> = Vec::new();
-    let mut size = 2;
-    for (user, id) in newest {
-        let entry = user.len() * 2 + 30; // worst case: every byte escaped, plus the id
-        if size + entry > ANNOUNCE_MAX_BYTES && !current.is_empty() {
-            payloads.push(serde_json::to_string(&current).unwrap_or_default());
-            current.clear();
-            size = 2;
-        }
-        current.push((user, id));
-        size += entry;
-    }
-    payloads.push(serde_json::to_string(&current).unwrap_or_default());
-    sqlx::query("SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p")
-        .bind(ANNOUNCE_CHANNEL)
-        .bind(&payloads)
-        .execute(&mut *tx)
-        .await?;
-    Ok(())
-}
 
 const DECIDE_AND_STORE: &str = r#"
 WITH input AS (
@@ -261,6 +234,19 @@ windowed AS (
                            WHERE x.s > EXCLUDED.stamps[1] - $9::interval))[1:$8::integer]
     RETURNING 1
 ),
+finished AS (
+    DELETE FROM apalis.jobs WHERE id = ANY($10::text[])
+),
+announced AS MATERIALIZED (
+    -- One NOTIFY per chunk of users: a chunk's entries, sized for the worst case (every
+    -- byte escaped, plus the id), stay under 6,000 bytes plus one entry (at most 1,054).
+    SELECT pg_notify('notifyd_notifications',
+                     json_agg(json_build_array(n.user_id, n.max_id) ORDER BY n.user_id)::text)
+    FROM (SELECT m.user_id, m.max_id,
+                 sum(octet_length(m.user_id) * 2 + 30) OVER (ORDER BY m.user_id) / 6000 AS chunk
+          FROM (SELECT user_id, max(id) AS max_id FROM inserted GROUP BY user_id) AS m) AS n
+    GROUP BY n.chunk
+),
 recorded AS (
     UPDATE notify.events AS e
     SET outcome = j.outcome,
@@ -273,6 +259,8 @@ recorded AS (
 SELECT id AS event_id, user_id, outcome, NULL::bigint AS notification_id FROM recorded
 UNION ALL
 SELECT event_id, NULL, NULL, id FROM inserted
+UNION ALL
+SELECT -1, NULL, NULL, count(*) FROM announced  -- makes the announcement run; ignored
 "#;
 
 /// `(event_id, user_id, outcome, notification_id)`: see [`DECIDE_AND_STORE`]'s final SELECT.
@@ -281,6 +269,7 @@ type StoreRow = (i64, Option<String>, Option<String>, Option<i64>);
 async fn decide_and_store(
     tx: &mut PgConnection,
     batch: &[Prepared],
+    finished_jobs: &[&str],
     rate: RateLimit,
     now: Option<DateTime<Utc>>,
 ) -> Result<Vec<Decision>, sqlx::Error> {
@@ -314,6 +303,7 @@ async fn decide_and_store(
         .bind(now)
         .bind(i64::from(rate.limit))
         .bind(window)
+        .bind(finished_jobs)
         .fetch_all(&mut *tx)
         .await?;
     // Two kinds of rows come back: one per recorded outcome, one per inserted
@@ -339,4 +329,14 @@ async fn decide_and_store(
         d.notification_id = ids_by_event.get(&d.event_id).copied();
     }
     Ok(decisions)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_store_statement_announces_on_the_published_channel() {
+        assert!(DECIDE_AND_STORE.contains(&format!("pg_notify('{ANNOUNCE_CHANNEL}'")));
+    }
 }

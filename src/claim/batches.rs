@@ -19,9 +19,10 @@
 //!   a lost listener). An empty claim waits for whichever comes first;
 //! * **process**: [`Batcher::process_in`] loads, sanitizes and stores the batch in that
 //!   transaction (per-user locks, exact rate limit, one notification per event);
-//! * **settle**: in the same transaction, [`settle`] deletes the jobs that got an outcome
-//!   (the outcome lives on `notify.events`) and marks bad ones `Killed` with the reason;
-//!   then the transaction commits.
+//! * **settle**: the store statement itself deletes the jobs that got an outcome (the
+//!   outcome lives on `notify.events`; one round trip less per batch, which on a saturated
+//!   2-core machine is worth a scheduling wait), and [`settle`] marks bad ones `Killed`
+//!   with the reason; then the transaction commits.
 //!
 //! Invariant: a claimed job's effect (notification, outcome, queue row) commits exactly
 //! once, all together, or not at all. If the worker stops, crashes, loses its connection or
@@ -264,50 +265,42 @@ pub async fn listen(pool: PgPool, wake: Arc<Notify>) {
     }
 }
 
-/// Settle a processed batch inside its claim transaction (the caller commits): the jobs
-/// that got an outcome are deleted (their outcome is on `notify.events`), the bad ones
-/// become `Killed` with the reason, `attempts + 1` and `lock_by` = this worker, as
-/// apalis would write them. Returns (deleted, killed).
+/// Settle the jobs of a processed batch that got no outcome, inside its claim
+/// transaction (the caller commits): they become `Killed` with the reason, `attempts + 1`
+/// and `lock_by` = this worker, as apalis would write them. The jobs that got an outcome
+/// were deleted by the store statement already (their outcome is on `notify.events`).
+/// Returns the rows marked.
 pub async fn settle(
     tx: &mut sqlx::PgConnection,
     worker: &str,
     jobs: &[ClaimedJob],
     answers: &[Result<Outcome, JobError>],
-) -> Result<(u64, u64), sqlx::Error> {
-    let mut done = Vec::with_capacity(jobs.len());
+) -> Result<u64, sqlx::Error> {
     let mut bad = Vec::new();
     let mut reasons = Vec::new();
     for (job, answer) in jobs.iter().zip(answers) {
-        match answer {
-            Ok(_) => done.push(job.id.as_str()),
-            Err(e) => {
-                bad.push(job.id.as_str());
-                reasons.push(serde_json::json!({ "Err": e.to_string() }));
-            }
+        if let Err(e) = answer {
+            bad.push(job.id.as_str());
+            reasons.push(serde_json::json!({ "Err": e.to_string() }));
         }
     }
-    let deleted = sqlx::query("DELETE FROM apalis.jobs WHERE id = ANY($1)")
-        .bind(&done)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-    let mut killed = 0;
-    if !bad.is_empty() {
-        killed = sqlx::query(
-            "UPDATE apalis.jobs AS j
-             SET status = 'Killed', attempts = j.attempts + 1, last_result = a.result,
-                 done_at = now(), lock_by = $1, lock_at = now()
-             FROM unnest($2::text[], $3::jsonb[]) AS a(id, result)
-             WHERE j.id = a.id AND j.id = ANY($2)",
-        )
-        .bind(worker)
-        .bind(&bad)
-        .bind(&reasons)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
+    if bad.is_empty() {
+        return Ok(0);
     }
-    Ok((deleted, killed))
+    let killed = sqlx::query(
+        "UPDATE apalis.jobs AS j
+         SET status = 'Killed', attempts = j.attempts + 1, last_result = a.result,
+             done_at = now(), lock_by = $1, lock_at = now()
+         FROM unnest($2::text[], $3::jsonb[]) AS a(id, result)
+         WHERE j.id = a.id AND j.id = ANY($2)",
+    )
+    .bind(worker)
+    .bind(&bad)
+    .bind(&reasons)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    Ok(killed)
 }
 
 /// Count a failed attempt for the jobs of a batch whose transaction was rolled back
