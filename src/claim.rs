@@ -2,9 +2,11 @@
 //! pipeline, and the rescue of jobs held by dead workers.
 //!
 //! Two claim modes ([`ClaimMode`]) run on apalis's worker over the same table and states:
-//! * **batch** (default, `claim::batches`): one apalis task is one claimed batch, processed in one
-//!   store transaction ([`Batcher::process_now`]) and acknowledged with one fenced statement.
-//!   Claim and ack errors are retried in place, so a database outage never stops it;
+//! * **batch** (default, `claim::batches`): one apalis task is one claimed batch, claimed by
+//!   row locks in a transaction that also does its whole effect ([`Batcher::process_in`])
+//!   and deletes its finished jobs, then commits. Claim errors are retried in place and a
+//!   failed batch rolls back, so a database outage never stops it; the rescue below is not
+//!   needed for it (locks end with the session);
 //! * **per-job**: apalis-postgres's own backend, one task per job, regrouped into store
 //!   transactions by the group-commit [`Batcher`]. The points below about codecs, apalis's
 //!   acks and restarts are about this mode.
@@ -24,7 +26,8 @@
 //!   jitter, so a Postgres restart costs a pause, never the process. The jobs the failed
 //!   instance held are released at once (it is gone, so nobody else can finish them); if
 //!   that fails too, they are rescued like a dead worker's.
-//! * **Rescue** ([`rescue_orphans`], run by every worker replica every heartbeat): a job
+//! * **Rescue** ([`rescue_orphans`], run by every worker replica every heartbeat; per-job mode,
+//!   and any row left `Queued`/`Running` by hand or by an older release): a job
 //!   claimed by a worker whose heartbeat is older than `heartbeat × missed_heartbeats` goes
 //!   back to `Pending`. Only a silent worker's jobs are touched, so starting or stopping
 //!   replicas never re-runs a live replica's jobs. Each instance beats from its own task

@@ -139,7 +139,8 @@ pub struct WorkerArgs {
           value_parser = clap::value_parser!(u64).range(0..=86_400))]
     pub cleanup_interval_secs: u64,
 
-    /// Database connections in the worker's pool.
+    /// Database connections in the worker's pool (at least `store_flushers` + 4: in batch
+    /// mode each batch in flight holds one from its claim to its commit).
     #[arg(long, env = "NOTIFYD_DB_POOL", default_value_t = 10,
           value_parser = clap::value_parser!(u32).range(2..=500))]
     pub db_pool: u32,

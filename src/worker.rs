@@ -3,6 +3,10 @@
 //! you like against one database.
 //!
 //! Bounds an operator can rely on (defaults in brackets):
+//! * **Batch mode** (the default): a batch is claimed by row locks in its own transaction,
+//!   so a dead worker's jobs are free once the server ends its sessions; a frozen worker's
+//!   when `--idle-tx-timeout-secs` (5 s) ends them (at worst once per batch in flight, 4).
+//!   The points below are about the per-job mode's states.
 //! * **Rescue**: every replica runs [`claim::rescue_orphans`] once per heartbeat; the jobs of a
 //!   worker silent for `heartbeat × missed_heartbeats` [5 s × 4 = 20 s] go back to the queue,
 //!   so a crashed worker's jobs are claimed again within `heartbeat × (missed + 1)` [25 s] as
@@ -43,7 +47,10 @@ pub async fn run(
     // The replica's name in pg_stat_activity, so that an operator (or a test) can tell
     // which replica holds which session and, in batch mode, which row locks.
     let app = format!("notifyd-worker:{}", claim_settings.name);
-    let pool = db::connect(&url, args.db_pool, &app).await?;
+    // In batch mode every batch in flight holds a connection from its claim to its commit;
+    // the claim, heartbeat, rescue, cleanup and metrics loops need a few more.
+    let pool_size = args.db_pool.max(args.store_flushers + 4);
+    let pool = db::connect(&url, pool_size, &app).await?;
     db::check_schema(&pool).await?;
     let rescue_after = claim_settings.rescue_after();
     // Bind first, so that a bad address fails before any job is claimed.
