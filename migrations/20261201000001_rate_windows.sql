@@ -4,9 +4,10 @@
 --
 -- One entry per store transaction that stored for the user: `stamps[i]` is that
 -- transaction's stamp (every notification it wrote has `created_at = stamps[i]`) and
--- `counts[i]` how many it wrote. Newest first. The store keeps only entries inside the
--- window, and only as many as the limit needs (entries after the newest `limit`
--- notifications cannot change a decision). It is written under the user's advisory lock,
+-- `counts[i]` how many it wrote. Newest first. The store keeps the entries of the last 7
+-- days (the longest window the worker accepts, so that a longer window configured later
+-- still sees them), and at most `limit` entries (each stands for at least one
+-- notification, so older entries cannot change a decision). It is written under the user's advisory lock,
 -- in the transaction that inserts the notifications, so it is exactly the stamps of the
 -- notifications delivered: the limit counts deliveries, and a notification deleted later
 -- (retention) still counted while it was in the window.

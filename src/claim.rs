@@ -214,26 +214,38 @@ async fn handle_batch(
     );
     async {
         let started = Instant::now();
-        let result = async {
-            let job_ids: Vec<&str> = batch.jobs.iter().map(|j| j.id.as_str()).collect();
+        let job_ids: Vec<&str> = batch.jobs.iter().map(|j| j.id.as_str()).collect();
+        let done = async {
             let answers = ctx
                 .batcher
                 .process_in(&mut tx, &batches::payloads(&batch), &job_ids)
                 .await?;
             let processed = Instant::now();
             batches::settle(&mut tx, &ctx.worker, &batch.jobs, &answers).await?;
-            let settled = Instant::now();
-            tx.commit().await?;
-            tracing::debug!(
-                jobs = batch.jobs.len(),
-                process_ms = (processed - started).as_secs_f64() * 1e3,
-                settle_ms = (settled - processed).as_secs_f64() * 1e3,
-                commit_ms = settled.elapsed().as_secs_f64() * 1e3,
-                "batch committed"
-            );
-            Ok::<_, sqlx::Error>(answers)
+            Ok::<_, sqlx::Error>((answers, processed))
         }
         .await;
+        let result = match done {
+            Ok((answers, processed)) => {
+                let settled = Instant::now();
+                tx.commit().await.map(|()| {
+                    tracing::debug!(
+                        jobs = batch.jobs.len(),
+                        process_ms = (processed - started).as_secs_f64() * 1e3,
+                        settle_ms = (settled - processed).as_secs_f64() * 1e3,
+                        commit_ms = settled.elapsed().as_secs_f64() * 1e3,
+                        "batch committed"
+                    );
+                    answers
+                })
+            }
+            Err(e) => {
+                // Roll back now, not when the connection next goes back to the pool: the
+                // attempt counted below must find the rows unlocked.
+                let _ = tx.rollback().await;
+                Err(e)
+            }
+        };
         match result {
             Ok(answers) => {
                 for (job, answer) in batch.jobs.iter().zip(&answers) {
@@ -257,10 +269,15 @@ async fn handle_batch(
             Err(e) => {
                 let reason = format!("batch failed: {e}");
                 match batches::fail(&ctx.pool, &ctx.worker, &batch.jobs, &reason).await {
-                    Ok(n) => tracing::error!(error = %e, jobs = n, "batch failed; its jobs will be retried after a backoff"),
+                    Ok(n) if n as usize == batch.jobs.len() => tracing::error!(error = %e, jobs = n,
+                        "batch failed; its jobs will be retried after a backoff"),
+                    Ok(n) => tracing::error!(error = %e, marked = n, jobs = batch.jobs.len(),
+                        "batch failed; some of its jobs were claimed again before the attempt was counted"),
                     Err(e2) => tracing::error!(error = %e, mark_error = %e2, "batch failed; its jobs are back in the queue"),
                 }
                 count_retries(batch.jobs.len());
+                // The same pause as above: a failure that repeats must not spin this slot.
+                tokio::time::sleep(Duration::from_millis(200).mul_f64(0.5 + fastrand::f64() * 4.0)).await;
             }
         }
     }

@@ -324,7 +324,8 @@ pub fn is_transient(e: &sqlx::Error) -> bool {
                 || code.starts_with("53") // insufficient resources
                 || code == "40001" // serialization failure
                 || code == "40P01" // deadlock detected
-                || code == "55P03" // lock not available
+                || code == "55P03" // lock not available (lock_timeout)
+                || code == "25P03" // idle_in_transaction_session_timeout ended the session
         }),
         _ => false,
     }

@@ -14,7 +14,10 @@
 //!      below `limit`; the rest are `rate_limited`;
 //!    * **store**: insert the admitted notifications (`ON CONFLICT (event_id) DO NOTHING`),
 //!      and add their stamp to the user's `rate_windows` row (trimmed to the entries that
-//!      can still matter: inside the window, and no more than the newest `limit`);
+//!      can still matter: the last 7 days, the longest window accepted, and no more than the
+//!      newest `limit`). Exact across restarts with a longer window or a higher limit; after
+//!      a limit was lowered and raised again within one window, the entries the lower limit
+//!      trimmed are not counted;
 //!    * record every outcome on its `notify.events` row.
 //!
 //! Invariants this gives, even with many replicas racing and jobs running twice:
@@ -217,10 +220,10 @@ inserted AS (
     RETURNING event_id, id, user_id
 ),
 windowed AS (
-    -- Put this transaction's stamp first (newest first); keep the older entries that are
-    -- still inside the window, and no more than `limit` entries in all: each entry stands
-    -- for at least one notification, so entries after the newest `limit` cannot change a
-    -- decision.
+    -- Put this transaction's stamp first (newest first); keep the older entries of the
+    -- last 7 days (the longest window the worker accepts: a window made longer later still
+    -- finds them), and no more than `limit` entries in all: each entry stands for at least
+    -- one notification, so entries after the newest `limit` cannot change a decision.
     INSERT INTO notify.rate_windows AS w (user_id, stamps, counts)
     SELECT i.user_id, ARRAY[clock.now], ARRAY[count(*)::integer]
     FROM inserted AS i, clock
@@ -228,10 +231,10 @@ windowed AS (
     ON CONFLICT (user_id) DO UPDATE
     SET stamps = (EXCLUDED.stamps
                   || ARRAY(SELECT x.s FROM unnest(w.stamps, w.counts) AS x(s, c)
-                           WHERE x.s > EXCLUDED.stamps[1] - $9::interval))[1:$8::integer],
+                           WHERE x.s > EXCLUDED.stamps[1] - interval '7 days'))[1:$8::integer],
         counts = (EXCLUDED.counts
                   || ARRAY(SELECT x.c FROM unnest(w.stamps, w.counts) AS x(s, c)
-                           WHERE x.s > EXCLUDED.stamps[1] - $9::interval))[1:$8::integer]
+                           WHERE x.s > EXCLUDED.stamps[1] - interval '7 days'))[1:$8::integer]
     RETURNING 1
 ),
 finished AS (

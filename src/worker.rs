@@ -36,6 +36,13 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 /// [`cleanup::vacuum_if_needed`]).
 const VACUUM_MIN_DEAD: i64 = 50_000;
 
+/// The longest a worker statement waits for a lock (`lock_timeout` for every session). In
+/// batch mode a batch waiting on a user's lock also holds its claimed jobs, so a lock held by
+/// a stuck session (one frozen mid-statement, which the idle-transaction timeout cannot
+/// see) must not hold them forever: the batch fails as transient, rolls back and is claimed
+/// again. A healthy wait is one other batch's store step, well under a second.
+const LOCK_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Run a worker until the shutdown signal.
 pub async fn run(
     database_url: &str,
@@ -43,6 +50,7 @@ pub async fn run(
     shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let url = with_idle_tx_timeout(database_url, Duration::from_secs(args.idle_tx_timeout_secs));
+    let url = with_option(&url, "lock_timeout", LOCK_TIMEOUT);
     let claim_settings = args.claim();
     // The replica's name in pg_stat_activity, so that an operator (or a test) can tell
     // which replica holds which session and, in batch mode, which row locks.
@@ -140,15 +148,19 @@ pub async fn run(
 /// reads `options[...]` query parameters). Unchanged when the timeout is 0 or the URL does
 /// not parse (`db::connect` then reports the URL error).
 fn with_idle_tx_timeout(database_url: &str, timeout: Duration) -> String {
-    if timeout.is_zero() {
+    with_option(database_url, "idle_in_transaction_session_timeout", timeout)
+}
+
+/// The database URL with the server setting `name` (a duration, in milliseconds) for every
+/// session. Unchanged when `value` is 0 or the URL does not parse.
+fn with_option(database_url: &str, name: &str, value: Duration) -> String {
+    if value.is_zero() {
         return database_url.to_owned();
     }
     match url::Url::parse(database_url) {
         Ok(mut url) => {
-            url.query_pairs_mut().append_pair(
-                "options[idle_in_transaction_session_timeout]",
-                &timeout.as_millis().to_string(),
-            );
+            url.query_pairs_mut()
+                .append_pair(&format!("options[{name}]"), &value.as_millis().to_string());
             url.to_string()
         }
         Err(_) => database_url.to_owned(),
@@ -274,6 +286,12 @@ mod tests {
         assert_eq!(
             with_idle_tx_timeout("postgres://h/db", Duration::ZERO),
             "postgres://h/db"
+        );
+        let both = with_option(&url, "lock_timeout", LOCK_TIMEOUT);
+        let options: sqlx::postgres::PgConnectOptions = both.parse().unwrap();
+        assert_eq!(
+            options.get_options(),
+            Some("-c idle_in_transaction_session_timeout=10000 -c lock_timeout=10000")
         );
     }
 }

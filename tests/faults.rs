@@ -65,6 +65,11 @@ async fn kill_9_during_a_large_drain_then_restart_delivers_every_event_exactly_o
     )
     .await;
     assert_eq!(held_by(pool, "crash-a").await, 0);
+    assert_eq!(
+        unclaimable(pool).await,
+        0,
+        "jobs still locked after the kill"
+    );
     assert!(done_events(pool).await < N, "the kill came after the drain");
 
     // "Then restart": a fresh replica, as a supervisor would start.
@@ -663,6 +668,11 @@ async fn sigterm_mid_drain_exits_within_the_bound_and_loses_nothing() {
         0,
         "jobs left claimed by the stopped worker"
     );
+    assert_eq!(
+        unclaimable(pool).await,
+        0,
+        "jobs still locked after the exit"
+    );
     let done_at_exit = done_events(pool).await;
 
     let mut b = Proc::worker(&db.url, "term-b", &[]);
@@ -730,7 +740,7 @@ async fn sigterm_with_a_stuck_batch_releases_its_jobs_at_the_deadline() {
     // second of the client going away (client_connection_check_interval), and its claim
     // transaction rolls back.
     let released_in = wait_for(Duration::from_secs(5), "the stuck batch's jobs", || async {
-        (held_by(pool, "stuck-a").await == 0).then(|| t.elapsed())
+        (held_by(pool, "stuck-a").await == 0 && unclaimable(pool).await == 0).then(|| t.elapsed())
     })
     .await;
     assert!(a.log_text().contains("released"), "{}", a.log_tail());

@@ -84,3 +84,79 @@ async fn the_store_step_never_decides_an_event_twice() {
         ]
     );
 }
+
+/// The rate-limit state keeps what a longer window needs: deliveries counted under a 1-hour
+/// window still count after the window is made 1 day long (a config change between
+/// restarts), and the limit holds across store transactions, not only inside one.
+#[tokio::test]
+async fn a_longer_window_still_counts_earlier_deliveries() {
+    use chrono::{Duration as Days, Utc};
+    use notifyd::store::{Prepared, RateLimit, apply_batch};
+    use std::time::Duration;
+
+    let db = TestDb::new().await;
+    let mut ids = Vec::new();
+    for i in 0..6 {
+        ids.push(db.enqueue("w", "new_message", &format!("event {i}")).await);
+    }
+    let prepared = |id: i64| Prepared {
+        event_id: id,
+        user_id: "w".into(),
+        event_type: "new_message".into(),
+        body: Some(format!("body {id}")),
+        link: None,
+        invalid: None,
+    };
+    let t0 = Utc::now() - Days::hours(5);
+    let hour = RateLimit {
+        limit: 3,
+        window: Duration::from_secs(3600),
+    };
+    // Two transactions at t0: 2 + 1 = the limit of 3.
+    let a = apply_batch(
+        &db.pool,
+        &[prepared(ids[0]), prepared(ids[1])],
+        hour,
+        Some(t0),
+    )
+    .await
+    .unwrap();
+    let b = apply_batch(
+        &db.pool,
+        &[prepared(ids[2]), prepared(ids[3])],
+        hour,
+        Some(t0),
+    )
+    .await
+    .unwrap();
+    let outcomes = |d: &[notifyd::store::Decision]| -> Vec<String> {
+        d.iter().map(|d| d.outcome.clone()).collect()
+    };
+    assert_eq!(outcomes(&a), ["stored", "stored"]);
+    assert_eq!(outcomes(&b), ["stored", "rate_limited"]);
+    // Two hours later the 1-hour window is clear again, but with a 1-day window the three
+    // deliveries at t0 are still inside it: nothing more gets through.
+    let day = RateLimit {
+        limit: 3,
+        window: Duration::from_secs(24 * 3600),
+    };
+    let c = apply_batch(
+        &db.pool,
+        &[prepared(ids[4])],
+        day,
+        Some(t0 + Days::hours(2)),
+    )
+    .await
+    .unwrap();
+    assert_eq!(outcomes(&c), ["rate_limited"]);
+    // With the 1-hour window it would have been stored.
+    let d = apply_batch(
+        &db.pool,
+        &[prepared(ids[5])],
+        hour,
+        Some(t0 + Days::hours(2)),
+    )
+    .await
+    .unwrap();
+    assert_eq!(outcomes(&d), ["stored"]);
+}

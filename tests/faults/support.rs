@@ -392,6 +392,27 @@ pub async fn held_by(pool: &PgPool, name: &str) -> i64 {
     .expect("held_by")
 }
 
+/// Live jobs that a claim could not take right now: held by some session's row lock, or
+/// marked `Queued`/`Running`. Counted in one statement (a snapshot of the live jobs against
+/// the ones `FOR UPDATE SKIP LOCKED` can lock); with no worker running, 0 means every
+/// job is claimable. The statement locks the rows it can for an instant (autocommit).
+pub async fn unclaimable(pool: &PgPool) -> i64 {
+    scalar(
+        pool,
+        "WITH live AS (
+             SELECT id FROM apalis.jobs WHERE job_type = 'notifyd.events'
+               AND (status IN ('Pending', 'Queued', 'Running')
+                    OR (status = 'Failed' AND attempts < max_attempts))
+         )
+         SELECT (SELECT count(*) FROM live)
+              - (SELECT count(*) FROM (SELECT j.id FROM apalis.jobs AS j
+                                       WHERE j.id IN (SELECT id FROM live)
+                                         AND j.status IN ('Pending', 'Failed')
+                                       FOR UPDATE SKIP LOCKED) AS free)",
+    )
+    .await
+}
+
 /// Database sessions of worker process `name`.
 pub async fn sessions_of(pool: &PgPool, name: &str) -> i64 {
     sqlx::query_scalar(
