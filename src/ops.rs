@@ -503,9 +503,12 @@ pub async fn run_jobs(pool: &PgPool, args: &JobsArgs) -> anyhow::Result<()> {
             }
         }
         JobsCommand::Show { id, json } => {
-            let job = job(pool, id)
-                .await?
-                .with_context(|| format!("no job {id} in queue {QUEUE}"))?;
+            let job = job(pool, id).await?.with_context(|| {
+                format!(
+                    "no job {id} in queue {QUEUE} (a finished job is deleted with its \
+                         outcome recorded: see notify.events.outcome for its event)"
+                )
+            })?;
             let event = match job.event_id {
                 Some(e) => event(pool, e).await?,
                 None => None,
