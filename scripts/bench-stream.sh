@@ -138,4 +138,4 @@ printf 'idle streams: %s open in %s s; serve RSS %.1f MiB at start, %.1f MiB bef
     "$n" "$open_secs" "$(awk -v k="$RSS_START" 'BEGIN {print k / 1024}')" \
     "$(awk -v k="$rss_before" 'BEGIN {print k / 1024}')" "$(awk -v k="$rss_open" 'BEGIN {print k / 1024}')" \
     "$(awk -v k="$rss_held" 'BEGIN {print k / 1024}')" "$HOLD" \
-    "$(awk -v a="$rss_held" -v b="$rss_before" -v n="$n" 'BEGIN {print (a - b) / n}')"
+    "$(awk -v a="$rss_held" -v b="$rss_before" -v n="$n" 'BEGIN {print (n > 0 ? (a - b) / n : 0)}')"
