@@ -89,12 +89,7 @@ impl Batcher {
 
     /// Count the answers of a batch whose transaction committed.
     pub fn committed(&self, answers: &[Result<Outcome, JobError>]) {
-        let tally = tally(answers);
-        self.committed.fetch_add(
-            answers.iter().filter(|a| a.is_ok()).count() as u64,
-            std::sync::atomic::Ordering::Relaxed,
-        );
-        tally.record();
+        count(&self.committed, answers);
     }
 
     /// Jobs answered with an outcome (and committed) so far by this batcher and its clones.
@@ -130,16 +125,22 @@ async fn flush_loop(
         };
         let (jobs, replies): (Vec<RawJob>, Vec<Reply>) = batch.into_iter().unzip();
         let answers = pipeline.process(&jobs).await;
-        tally(&answers).record();
-        committed.fetch_add(
-            answers.iter().filter(|a| a.is_ok()).count() as u64,
-            std::sync::atomic::Ordering::Relaxed,
-        );
+        count(&committed, &answers);
         for (reply, answer) in replies.into_iter().zip(answers) {
             // The caller may have gone away (worker shutdown); its job stays in the queue.
             let _ = reply.send(answer);
         }
     }
+}
+
+/// Record committed answers: on `/metrics` by outcome, and in the batcher's count of jobs
+/// answered with an outcome.
+fn count(committed: &std::sync::atomic::AtomicU64, answers: &[Result<Outcome, JobError>]) {
+    tally(answers).record();
+    committed.fetch_add(
+        answers.iter().filter(|a| a.is_ok()).count() as u64,
+        std::sync::atomic::Ordering::Relaxed,
+    );
 }
 
 fn tally(answers: &[Result<Outcome, JobError>]) -> OutcomeTally {

@@ -255,29 +255,28 @@ async fn handle_batch(
                 }
                 ctx.batcher.committed(&answers);
             }
-            // The transaction is gone with the error (dropping it rolls back): the jobs
-            // are back in the queue. A transient failure (lost connection, deadlock,
-            // server shutting down) is not the jobs' fault and costs no attempt; this
-            // slot pauses instead, so a failing database is not hammered.
-            Err(e) if pipeline::is_transient(&e) => {
-                let pause = Duration::from_millis(200).mul_f64(0.5 + fastrand::f64() * 4.0);
-                tracing::warn!(error = %e, jobs = batch.jobs.len(), retry_in_ms = pause.as_millis() as u64,
-                    "batch failed; its jobs are back in the queue");
-                count_retries(batch.jobs.len());
-                tokio::time::sleep(pause).await;
-            }
+            // The transaction was rolled back: the jobs are back in the queue. A transient
+            // failure (lost connection, deadlock, server shutting down) is not the jobs'
+            // fault and costs no attempt; any other counts one (with the retry backoff).
+            // Either way this slot pauses, so a failure that repeats neither hammers the
+            // database nor spins.
             Err(e) => {
-                let reason = format!("batch failed: {e}");
-                match batches::fail(&ctx.pool, &ctx.worker, &batch.jobs, &reason).await {
-                    Ok(n) if n as usize == batch.jobs.len() => tracing::error!(error = %e, jobs = n,
-                        "batch failed; its jobs will be retried after a backoff"),
-                    Ok(n) => tracing::error!(error = %e, marked = n, jobs = batch.jobs.len(),
-                        "batch failed; some of its jobs were claimed again before the attempt was counted"),
-                    Err(e2) => tracing::error!(error = %e, mark_error = %e2, "batch failed; its jobs are back in the queue"),
+                let pause = Duration::from_millis(200).mul_f64(0.5 + fastrand::f64() * 4.0);
+                if pipeline::is_transient(&e) {
+                    tracing::warn!(error = %e, jobs = batch.jobs.len(), retry_in_ms = pause.as_millis() as u64,
+                        "batch failed; its jobs are back in the queue");
+                } else {
+                    let reason = format!("batch failed: {e}");
+                    match batches::fail(&ctx.pool, &ctx.worker, &batch.jobs, &reason).await {
+                        Ok(n) if n as usize == batch.jobs.len() => tracing::error!(error = %e, jobs = n,
+                            "batch failed; its jobs will be retried after a backoff"),
+                        Ok(n) => tracing::error!(error = %e, marked = n, jobs = batch.jobs.len(),
+                            "batch failed; some of its jobs were claimed again before the attempt was counted"),
+                        Err(e2) => tracing::error!(error = %e, mark_error = %e2, "batch failed; its jobs are back in the queue"),
+                    }
                 }
                 count_retries(batch.jobs.len());
-                // The same pause as above: a failure that repeats must not spin this slot.
-                tokio::time::sleep(Duration::from_millis(200).mul_f64(0.5 + fastrand::f64() * 4.0)).await;
+                tokio::time::sleep(pause).await;
             }
         }
     }
@@ -326,8 +325,6 @@ pub async fn run_with_drain(
         let name = format!("{}-{}", settings.name, restarts);
         let span = tracing::info_span!("worker", worker = %name);
         let mut side_tasks = Vec::new();
-        // Held while a batch-mode claim statement runs (see `batches::Source::claiming`).
-        let claiming = std::sync::Arc::new(tokio::sync::Mutex::new(()));
         let running: futures::future::BoxFuture<'static, Result<(), WorkerError>> =
             match settings.mode {
                 ClaimMode::PerJob => {
@@ -379,7 +376,6 @@ pub async fn run_with_drain(
                         fetch_batch: settings.fetch_batch,
                         poll_interval: settings.poll_interval,
                         wake,
-                        claiming: claiming.clone(),
                     });
                     let worker = WorkerBuilder::new(name.clone())
                         .backend(backend)
@@ -420,9 +416,6 @@ pub async fn run_with_drain(
         for task in side_tasks.drain(..) {
             task.abort();
         }
-        // A claim that was in flight when the worker stopped still commits on the server;
-        // wait for it, so that the release below sees (and gives back) what it took.
-        let _ = tokio::time::timeout(RELEASE_TIMEOUT, claiming.lock()).await;
         match result {
             None => {
                 span.in_scope(|| {

@@ -49,7 +49,11 @@ pub async fn run(
     args: WorkerArgs,
     shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
-    let url = with_idle_tx_timeout(database_url, Duration::from_secs(args.idle_tx_timeout_secs));
+    let url = with_option(
+        database_url,
+        "idle_in_transaction_session_timeout",
+        Duration::from_secs(args.idle_tx_timeout_secs),
+    );
     let url = with_option(&url, "lock_timeout", LOCK_TIMEOUT);
     let claim_settings = args.claim();
     // The replica's name in pg_stat_activity, so that an operator (or a test) can tell
@@ -144,15 +148,9 @@ pub async fn run(
     Ok(())
 }
 
-/// The database URL with `idle_in_transaction_session_timeout` set for every session (sqlx
-/// reads `options[...]` query parameters). Unchanged when the timeout is 0 or the URL does
-/// not parse (`db::connect` then reports the URL error).
-fn with_idle_tx_timeout(database_url: &str, timeout: Duration) -> String {
-    with_option(database_url, "idle_in_transaction_session_timeout", timeout)
-}
-
 /// The database URL with the server setting `name` (a duration, in milliseconds) for every
-/// session. Unchanged when `value` is 0 or the URL does not parse.
+/// session (sqlx reads `options[...]` query parameters). Unchanged when `value` is 0 or the
+/// URL does not parse (`db::connect` then reports the URL error).
 fn with_option(database_url: &str, name: &str, value: Duration) -> String {
     if value.is_zero() {
         return database_url.to_owned();
@@ -270,8 +268,9 @@ mod tests {
 
     #[test]
     fn idle_transaction_timeout_rides_on_the_url() {
-        let url = with_idle_tx_timeout(
+        let url = with_option(
             "postgres://u@h:5432/db?sslmode=disable",
+            "idle_in_transaction_session_timeout",
             Duration::from_secs(10),
         );
         assert_eq!(
@@ -284,7 +283,7 @@ mod tests {
             Some("-c idle_in_transaction_session_timeout=10000")
         );
         assert_eq!(
-            with_idle_tx_timeout("postgres://h/db", Duration::ZERO),
+            with_option("postgres://h/db", "lock_timeout", Duration::ZERO),
             "postgres://h/db"
         );
         let both = with_option(&url, "lock_timeout", LOCK_TIMEOUT);

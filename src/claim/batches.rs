@@ -94,11 +94,6 @@ pub struct Source {
     pub fetch_batch: usize,
     pub poll_interval: Duration,
     pub wake: Arc<Notify>,
-    /// Held for as long as a claim statement runs. The claim runs in a task of its own, so
-    /// that a worker stopping mid-claim (dropping this stream) cannot abandon a statement
-    /// that still commits on the server: the stop path takes this lock before it releases
-    /// the instance's jobs.
-    pub claiming: Arc<tokio::sync::Mutex<()>>,
 }
 
 type ClaimStream =
@@ -134,15 +129,13 @@ async fn next_batch(source: &Source) -> ClaimedBatch {
     let mut backoff = Duration::from_millis(100);
     loop {
         let started = std::time::Instant::now();
-        let guard = source.claiming.clone().lock_owned().await;
         let (pool, n) = (source.pool.clone(), source.fetch_batch);
-        let claimed = tokio::spawn(async move {
-            let claimed = claim(&pool, n).await;
-            drop(guard);
-            claimed
-        })
-        .await
-        .unwrap_or_else(|e| Err(sqlx::Error::Protocol(format!("claim task failed: {e}"))));
+        // In a task of its own, so that a worker stopping mid-claim (dropping this stream)
+        // lets the statement finish instead of cutting it off; the claim it returns is then
+        // dropped, which rolls it back.
+        let claimed = tokio::spawn(async move { claim(&pool, n).await })
+            .await
+            .unwrap_or_else(|e| Err(sqlx::Error::Protocol(format!("claim task failed: {e}"))));
         match claimed {
             Ok(Some(batch)) => {
                 tracing::debug!(
