@@ -464,6 +464,19 @@ fn stop_workers(workers: &mut [Child]) {
     }
 }
 
+/// Whether the queue still holds a job a worker could claim now or after a backoff
+/// (the eligibility of the claim, without its `run_at` bound; in-flight jobs count).
+async fn claimable_jobs_left(pool: &PgPool) -> anyhow::Result<bool> {
+    Ok(sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM apalis.jobs
+                        WHERE job_type = $1
+                          AND (status = 'Pending' OR (status = 'Failed' AND attempts < max_attempts)))",
+    )
+    .bind(crate::claim::QUEUE)
+    .fetch_one(pool)
+    .await?)
+}
+
 async fn processed(pool: &PgPool) -> anyhow::Result<i64> {
     Ok(
         sqlx::query_scalar("SELECT count(*) FROM notify.events WHERE outcome IS NOT NULL")
@@ -496,6 +509,13 @@ async fn drain(
     let target = args.events as i64;
     let deadline = started + Duration::from_secs(1800);
     loop {
+        // The exact count reads every event row (tens of ms of Postgres CPU at 200k rows,
+        // taken from the drain it measures), so ask first whether any claimable job is
+        // left, which walks a few pages of the queue's partial claim index.
+        if claimable_jobs_left(pool).await? {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        }
         let done = processed(pool).await?;
         if done >= target {
             break;
