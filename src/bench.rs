@@ -631,11 +631,14 @@ async fn latency(pool: &PgPool, url: &str, args: &BenchArgs) -> anyhow::Result<L
     let start = tokio::time::Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     let mut sent: Vec<Option<Instant>> = vec![None; total as usize];
-    let mut record = |r: Result<Result<(u64, Instant), sqlx::Error>, tokio::task::JoinError>| {
-        let (i, at) = r??;
-        sent[i as usize] = Some(at);
-        Ok::<(), anyhow::Error>(())
-    };
+    let mut done_at: Vec<Option<Instant>> = vec![None; total as usize];
+    let mut record =
+        |r: Result<Result<(u64, Instant, Instant), sqlx::Error>, tokio::task::JoinError>| {
+            let (i, at, d) = r??;
+            sent[i as usize] = Some(at);
+            done_at[i as usize] = Some(d);
+            Ok::<(), anyhow::Error>(())
+        };
     for i in 0..total {
         tokio::time::sleep_until(start + interval.mul_f64(i as f64)).await;
         let p = producers.clone();
@@ -648,7 +651,7 @@ async fn latency(pool: &PgPool, url: &str, args: &BenchArgs) -> anyhow::Result<L
             .bind(format!("Latency probe {i}"))
             .execute(&p)
             .await
-            .map(|_| (i, at))
+            .map(|_| (i, at, Instant::now()))
         });
         while let Some(r) = tasks.try_join_next() {
             record(r)?;
@@ -684,6 +687,22 @@ async fn latency(pool: &PgPool, url: &str, args: &BenchArgs) -> anyhow::Result<L
             Some(heard.saturating_duration_since((*at)?).as_secs_f64() * 1e3)
         })
         .collect();
+    if let Ok(path) = std::env::var("NOTIFYD_BENCH_DUMP") {
+        let mut out = String::new();
+        for (i, at) in sent.iter().enumerate() {
+            let Some(at) = at else { continue };
+            let off = at.saturating_duration_since(start.into_std()).as_secs_f64() * 1e3;
+            let h = first_heard
+                .get(&format!("lat{i}"))
+                .map(|h| h.saturating_duration_since(*at).as_secs_f64() * 1e3)
+                .unwrap_or(-1.0);
+            let ins = done_at[i]
+                .map(|d| d.saturating_duration_since(*at).as_secs_f64() * 1e3)
+                .unwrap_or(-1.0);
+            out.push_str(&format!("{i},{off:.1},{h:.1},{ins:.1}\n"));
+        }
+        std::fs::write(path, out)?;
+    }
     let stamps: Vec<f64> = sqlx::query_scalar(
         "SELECT EXTRACT(EPOCH FROM n.created_at - e.created_at)::float8 * 1000
          FROM notify.events e JOIN notify.notifications n ON n.event_id = e.id

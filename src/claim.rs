@@ -13,8 +13,12 @@
 //!
 //! How it is wired, and why:
 //! * **Queue name** `notifyd.events`, set explicitly (the trigger on `notify.events` writes it).
-//! * **Wake-up**: LISTEN on apalis's insert channel *and* an interval poll. An idle apalis
-//!   worker notices neither SQL-inserted jobs nor delayed (`run_at`) jobs without both.
+//! * **Wake-up**: an interval poll (`--poll-interval-ms`, 10 ms by default) in both modes.
+//!   Enqueuing sends no NOTIFY: apalis's per-row `notify_workers` trigger is disabled
+//!   (migration `20261201000003_enqueue_without_notify.sql`), because a NOTIFY makes every
+//!   enqueuing transaction take a database-wide lock at commit and hold it through the
+//!   commit's flush, so the backend's transactions would commit one at a time.
+//!   The worker warns at start-up ([`crate::db::enqueue_notify_triggers`]) if an apalis upgrade has brought it back.
 //! * **Codec**: payloads reach the handler as raw bytes ([`RawCodec`] cannot fail), because
 //!   apalis's worker exits on a decode error. The pipeline validates the bytes itself.
 //! * **Outcomes**: a bad job returns `AbortError` (status `Killed`, not retried, reason in
@@ -44,7 +48,7 @@ use std::time::{Duration, Instant};
 
 use apalis::prelude::*;
 use apalis_core::backend::ext::with_codec::WithCodec;
-use apalis_postgres::{Config, PostgresStorage, Pubsub};
+use apalis_postgres::{Config, PostgresStorage};
 use sqlx::PgPool;
 use sqlx::postgres::types::PgInterval;
 use tokio::sync::watch;
@@ -286,6 +290,40 @@ async fn handle_batch(
 }
 
 /// Count `n` jobs whose batch failed and that go back to the queue.
+/// The per-job mode's poll clock: one item every `period`, always armed.
+///
+/// apalis's own interval strategy re-creates its timer when it fires without polling the
+/// new one, so when that tick coincides with an empty fetch nothing is left to wake the
+/// worker until its next heartbeat (seen as an idle replica that took no jobs for
+/// seconds once the LISTEN wake-up was gone). This stream asks to be polled again right
+/// after every tick, which arms the next one.
+struct Ticks(tokio::time::Interval);
+
+impl Ticks {
+    fn new(period: Duration) -> Self {
+        let mut interval = tokio::time::interval(period);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        Self(interval)
+    }
+}
+
+impl futures::Stream for Ticks {
+    type Item = ();
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<()>> {
+        match self.0.poll_tick(cx) {
+            std::task::Poll::Ready(_) => {
+                cx.waker().wake_by_ref();
+                std::task::Poll::Ready(Some(()))
+            }
+            std::task::Poll::Pending => std::task::Poll::Pending,
+        }
+    }
+}
+
 fn count_retries(n: usize) {
     let mut tally = metrics::OutcomeTally::default();
     for _ in 0..n {
@@ -324,7 +362,6 @@ pub async fn run_with_drain(
         }
         let name = format!("{}-{}", settings.name, restarts);
         let span = tracing::info_span!("worker", worker = %name);
-        let mut side_tasks = Vec::new();
         let running: futures::future::BoxFuture<'static, Result<(), WorkerError>> =
             match settings.mode {
                 ClaimMode::PerJob => {
@@ -339,9 +376,7 @@ pub async fn run_with_drain(
                         .lock_tasks(false)
                         .persist_results(true);
                     let storage = PostgresStorage::<RawJob>::new(&pool).with_config(config);
-                    let strategy = Strategy::new()
-                        .stream(Pubsub::new(pool.clone(), QUEUE.to_owned()))
-                        .interval(settings.poll_interval);
+                    let strategy = Strategy::new().stream(Ticks::new(settings.poll_interval));
                     let backend = WithCodec::new(PollWith::new(storage, strategy), RawCodec);
                     let worker = WorkerBuilder::new(name.clone())
                         .backend(backend)
@@ -367,15 +402,10 @@ pub async fn run_with_drain(
                         backoff = (backoff * 2).min(Duration::from_secs(10));
                         continue;
                     }
-                    let wake = std::sync::Arc::new(tokio::sync::Notify::new());
-                    side_tasks.push(tokio::spawn(
-                        batches::listen(pool.clone(), wake.clone()).instrument(span.clone()),
-                    ));
                     let backend = batches::backend(batches::Source {
                         pool: pool.clone(),
                         fetch_batch: settings.fetch_batch,
                         poll_interval: settings.poll_interval,
-                        wake,
                     });
                     let worker = WorkerBuilder::new(name.clone())
                         .backend(backend)
@@ -413,9 +443,6 @@ pub async fn run_with_drain(
             _ = drain_deadline => None,
         };
         beat.abort();
-        for task in side_tasks.drain(..) {
-            task.abort();
-        }
         match result {
             None => {
                 span.in_scope(|| {

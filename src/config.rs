@@ -113,9 +113,10 @@ pub struct WorkerArgs {
           value_parser = clap::value_parser!(u64).range(0..=1000))]
     pub batch_linger_ms: u64,
 
-    /// Milliseconds between polls when no LISTEN/NOTIFY wake-up arrives (delayed events).
-    #[arg(long, env = "NOTIFYD_POLL_INTERVAL_MS", default_value_t = 500,
-          value_parser = clap::value_parser!(u64).range(10..=60_000))]
+    /// Milliseconds between looks at the queue while nothing is claimable (new and delayed
+    /// events are found this way: enqueuing sends no NOTIFY).
+    #[arg(long, env = "NOTIFYD_POLL_INTERVAL_MS", default_value_t = 10,
+          value_parser = clap::value_parser!(u64).range(1..=60_000))]
     pub poll_interval_ms: u64,
 
     #[command(flatten)]

@@ -80,3 +80,22 @@ pub async fn check_schema(pool: &PgPool) -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// Enabled triggers on the enqueue path (`notify.events`, `apalis.jobs`) whose function
+/// calls `pg_notify`, as `table.trigger`. There should be none: a NOTIFY makes every
+/// enqueuing transaction take a database-wide lock at commit and hold it through the
+/// commit's flush (migration `20261201000003_enqueue_without_notify.sql`). An
+/// apalis-postgres upgrade whose migrations recreate its `notify_workers` trigger would
+/// bring one back.
+pub async fn enqueue_notify_triggers(pool: &PgPool) -> Result<Vec<String>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT t.tgrelid::regclass::text || '.' || t.tgname
+         FROM pg_trigger AS t JOIN pg_proc AS p ON p.oid = t.tgfoid
+         WHERE t.tgrelid IN ('notify.events'::regclass, 'apalis.jobs'::regclass)
+           AND NOT t.tgisinternal AND t.tgenabled <> 'D'
+           AND p.prosrc ILIKE '%pg_notify%'
+         ORDER BY 1",
+    )
+    .fetch_all(pool)
+    .await
+}

@@ -64,6 +64,15 @@ pub async fn run(
     let pool_size = args.db_pool.max(args.store_flushers + 4);
     let pool = db::connect(&url, pool_size, &app).await?;
     db::check_schema(&pool).await?;
+    match db::enqueue_notify_triggers(&pool).await {
+        Ok(found) if !found.is_empty() => tracing::warn!(
+            triggers = ?found,
+            "enqueuing sends a NOTIFY, which makes enqueuing transactions commit one at a \
+             time; disable these triggers (see migrations/README.md)"
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::debug!(error = %e, "cannot check the enqueue triggers"),
+    }
     let rescue_after = claim_settings.rescue_after();
     // Bind first, so that a bad address fails before any job is claimed.
     let metrics_listener = match args.metrics.listen() {

@@ -977,3 +977,53 @@ async fn values_that_slip_past_the_constraints_end_invalid_with_a_reason() {
         0
     );
 }
+
+/// The first payload `listener` hears on apalis's insert channel after an event is
+/// enqueued, with a marker sent (and committed) right after the enqueue: notifications
+/// arrive in commit order, so the marker comes first exactly when the enqueue sent nothing.
+async fn first_heard_after_enqueue(db: &TestDb, marker: &str) -> String {
+    let mut listener = sqlx::postgres::PgListener::connect_with(&db.pool)
+        .await
+        .unwrap();
+    listener.listen("apalis::job::insert").await.unwrap();
+    db.enqueue("42", "new_message", "hello").await;
+    sqlx::query("SELECT pg_notify('apalis::job::insert', $1)")
+        .bind(marker)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let heard = tokio::time::timeout(Duration::from_secs(10), listener.recv())
+        .await
+        .expect("the marker arrives")
+        .unwrap();
+    heard.payload().to_owned()
+}
+
+/// Enqueuing sends no NOTIFY (migration 20261201000003): one would make every enqueuing
+/// transaction commit one at a time. The check also catches an apalis-postgres upgrade
+/// that brings its per-row trigger back, and the worker's start-up check finds it.
+#[tokio::test]
+async fn enqueue_sends_no_notify() {
+    let db = TestDb::new().await;
+    assert_eq!(
+        notifyd::db::enqueue_notify_triggers(&db.pool)
+            .await
+            .unwrap(),
+        Vec::<String>::new()
+    );
+    assert_eq!(first_heard_after_enqueue(&db, "marker-1").await, "marker-1");
+
+    // With apalis's trigger enabled again, both the check and the listener notice.
+    sqlx::query("ALTER TABLE apalis.jobs ENABLE TRIGGER notify_workers")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        notifyd::db::enqueue_notify_triggers(&db.pool)
+            .await
+            .unwrap(),
+        vec!["apalis.jobs.notify_workers".to_owned()]
+    );
+    let heard = first_heard_after_enqueue(&db, "marker-2").await;
+    assert!(heard.contains("notifyd.events"), "{heard}");
+}

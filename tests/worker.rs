@@ -61,7 +61,7 @@ impl Worker {
                 ClaimMode::PerJob => 200,
             },
             fetch_batch,
-            poll_interval: Duration::from_millis(50),
+            poll_interval: Duration::from_millis(10),
             heartbeat: Duration::from_secs(1),
             missed_heartbeats: 5,
             name: name.to_owned(),

@@ -15,8 +15,12 @@
 //!   open transaction. A claim happens only when the worker has a free slot (apalis polls
 //!   the backend only after its service is ready), so `concurrency` batches are in flight
 //!   at most, and a worker never holds jobs it cannot start;
-//! * **wake-up**: LISTEN on apalis's insert channel, plus the poll interval (delayed jobs,
-//!   a lost listener). An empty claim waits for whichever comes first;
+//! * **wake-up**: polling. After an empty claim the stream looks again after
+//!   `poll_interval` (10 ms by default); a claim that returns jobs is followed by the next
+//!   claim as soon as a slot is free. Enqueuing sends no NOTIFY (migration
+//!   `20261201000003_enqueue_without_notify.sql`: a NOTIFY makes every enqueuing
+//!   transaction commit one at a time), so there is nothing to listen for. New and delayed
+//!   (`run_at`) jobs are found the same way;
 //! * **process**: [`Batcher::process_in`] loads, sanitizes and stores the batch in that
 //!   transaction (per-user locks, exact rate limit, one notification per event);
 //! * **settle**: the store statement itself deletes the jobs that got an outcome (the
@@ -42,15 +46,10 @@ use apalis_core::backend::custom::{BackendBuilder, CustomBackend};
 use apalis_core::task::Task;
 use futures::{Sink, StreamExt};
 use sqlx::PgPool;
-use sqlx::postgres::PgListener;
-use tokio::sync::Notify;
 
 use super::QUEUE;
 use crate::pipeline::{JobError, Outcome};
 use crate::validate::RawJob;
-
-/// apalis's channel for inserted jobs (its per-row trigger on `apalis.jobs`).
-const INSERT_CHANNEL: &str = "apalis::job::insert";
 
 /// One claimed queue job.
 #[derive(Debug, Clone)]
@@ -92,8 +91,8 @@ impl std::fmt::Debug for ClaimedBatch {
 pub struct Source {
     pub pool: PgPool,
     pub fetch_batch: usize,
+    /// How long the claim stream waits after an empty claim.
     pub poll_interval: Duration,
-    pub wake: Arc<Notify>,
 }
 
 type ClaimStream =
@@ -123,8 +122,7 @@ fn claim_stream(source: Source) -> ClaimStream {
     .boxed()
 }
 
-/// Claim until something comes back. Waits for a wake-up or the poll interval when the
-/// queue is empty, and backs off (jittered, up to 5 s) while the database fails.
+/// Claim until something comes back. Waits the poll interval after an empty claim, and backs off (jittered, up to 5 s) while the database fails.
 async fn next_batch(source: &Source) -> ClaimedBatch {
     let mut backoff = Duration::from_millis(100);
     loop {
@@ -147,7 +145,7 @@ async fn next_batch(source: &Source) -> ClaimedBatch {
             }
             Ok(None) => {
                 backoff = Duration::from_millis(100);
-                let _ = tokio::time::timeout(source.poll_interval, source.wake.notified()).await;
+                tokio::time::sleep(source.poll_interval).await;
             }
             Err(e) => {
                 tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "claim failed; retrying");
@@ -216,46 +214,6 @@ pub async fn register(pool: &PgPool, worker: &str) -> Result<(), sqlx::Error> {
     .execute(pool)
     .await?;
     Ok(())
-}
-
-/// Wake the claim loop when apalis announces a job of our queue. Reconnects after a lost
-/// connection (the poll interval covers the gap); ends with the instance.
-pub async fn listen(pool: PgPool, wake: Arc<Notify>) {
-    loop {
-        let mut listener = match PgListener::connect_with(&pool).await {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::debug!(error = %e, "wake-up listener cannot connect; polling meanwhile");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                continue;
-            }
-        };
-        if let Err(e) = listener.listen(INSERT_CHANNEL).await {
-            tracing::debug!(error = %e, "LISTEN failed; polling meanwhile");
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            continue;
-        }
-        // A wake-up after (re)connecting: jobs may have arrived while we were away.
-        wake.notify_one();
-        loop {
-            match listener.try_recv().await {
-                Ok(Some(n)) => {
-                    if n.payload().contains(QUEUE) {
-                        wake.notify_one();
-                    }
-                }
-                Ok(None) => {
-                    // The connection dropped; sqlx reconnects on the next call.
-                    wake.notify_one();
-                }
-                Err(e) => {
-                    tracing::debug!(error = %e, "wake-up listener failed; reconnecting");
-                    break;
-                }
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }
 
 /// Settle the jobs of a processed batch that got no outcome, inside its claim

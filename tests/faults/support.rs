@@ -94,7 +94,7 @@ impl Proc {
             ("NOTIFYD_WORKER_NAME", name.to_owned()),
             ("NOTIFYD_HEARTBEAT_SECS", HEARTBEAT_SECS.to_string()),
             ("NOTIFYD_MISSED_HEARTBEATS", MISSED_HEARTBEATS.to_string()),
-            ("NOTIFYD_POLL_INTERVAL_MS", "100".into()),
+            ("NOTIFYD_POLL_INTERVAL_MS", "10".into()),
             ("NOTIFYD_CLEANUP_INTERVAL_SECS", "0".into()),
             ("NOTIFYD_QUEUE_METRICS_SECS", "1".into()),
             ("NOTIFYD_FETCH_BATCH", "200".into()),
