@@ -12,9 +12,15 @@
 //! 3. **latency**: with the workers idle, events are inserted one per transaction at a
 //!    steady `--rate` for `--latency-secs`, each for a user of its own. "Readable" latency
 //!    runs from just before the producer sends its INSERT to the moment the bench hears
-//!    the worker's post-commit announcement for that user (so the row is committed); the
-//!    "stamp" figure is the notification's stamp
-//!    minus the event's insert stamp, both from the database clock.
+//!    the worker's post-commit announcement for that user (so the row is committed). It
+//!    is also split at the moment the INSERT's commit is acknowledged: the producer's own
+//!    INSERT, and commit to readable. The producers' 16 connections are opened before the
+//!    clock starts. The "stamp" figure is the notification's stamp minus the event's
+//!    insert stamp, both from the database clock. `--latency-csv` writes every probe.
+//!
+//! The drain's end is detected by looking at the claim index (is a claimable job left?)
+//! before counting events with an outcome: the count alone reads every event row, and
+//! polled every 100 ms it took about a quarter of the drain's throughput from Postgres.
 //!
 //! Figures are printed as a table and as one JSON line (for scripts).
 
@@ -85,6 +91,12 @@ pub struct BenchArgs {
     /// Keep the scratch database afterwards (its name is printed).
     #[arg(long)]
     pub keep: bool,
+
+    /// Write one CSV line per latency probe to this file: `event,sent_ms,insert_ms,readable_ms`
+    /// (sent_ms from the start of the phase; -1 where not measured), to see when in a run
+    /// the slow ones happened and on which side of the INSERT's commit.
+    #[arg(long)]
+    pub latency_csv: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Default, serde::Serialize)]
@@ -106,6 +118,10 @@ struct Report {
     latency_events: u64,
     /// Enqueue (client, before the INSERT) to readable (commit announcement heard).
     latency_readable_ms: Option<Percentiles>,
+    /// The producer's INSERT alone (sent to committed), client side.
+    latency_insert_ms: Option<Percentiles>,
+    /// INSERT committed to readable, client side.
+    latency_after_insert_ms: Option<Percentiles>,
     /// Notification stamp minus event stamp, database clock.
     latency_stamp_ms: Option<Percentiles>,
     soak: Vec<SoakSample>,
@@ -212,6 +228,8 @@ async fn run_phases(url: &str, args: &BenchArgs) -> anyhow::Result<Report> {
         report.latency_events = measured.events;
         report.latency_readable_ms = measured.readable;
         report.latency_stamp_ms = measured.stamp;
+        report.latency_insert_ms = measured.insert;
+        report.latency_after_insert_ms = measured.after_insert;
         if args.soak_secs > 0 {
             eprintln!(
                 "phase 4: soak at {} events/s for {} s",
@@ -554,6 +572,10 @@ struct Latencies {
     readable: Option<Percentiles>,
     /// Database clock: notification stamp minus event stamp (excludes the commit).
     stamp: Option<Percentiles>,
+    /// Client side: the producer's INSERT, from sending it to its commit acknowledged.
+    insert: Option<Percentiles>,
+    /// Client side: from the INSERT's commit acknowledged to readable.
+    after_insert: Option<Percentiles>,
 }
 
 #[derive(Debug, Clone, Copy, serde::Serialize)]
@@ -626,6 +648,9 @@ async fn latency(pool: &PgPool, url: &str, args: &BenchArgs) -> anyhow::Result<L
     });
 
     let producers = db::connect(url, 16, "notifyd-bench-producer").await?;
+    // Open every producer connection before the clock starts, as a running backend's pool
+    // would be: otherwise the first second measures connection set-up (up to 160 ms).
+    drop(futures::future::try_join_all((0..16).map(|_| producers.acquire())).await?);
     let total = args.rate * args.latency_secs;
     let interval = Duration::from_secs_f64(1.0 / args.rate as f64);
     let start = tokio::time::Instant::now();
@@ -687,21 +712,30 @@ async fn latency(pool: &PgPool, url: &str, args: &BenchArgs) -> anyhow::Result<L
             Some(heard.saturating_duration_since((*at)?).as_secs_f64() * 1e3)
         })
         .collect();
-    if let Ok(path) = std::env::var("NOTIFYD_BENCH_DUMP") {
-        let mut out = String::new();
-        for (i, at) in sent.iter().enumerate() {
-            let Some(at) = at else { continue };
-            let off = at.saturating_duration_since(start.into_std()).as_secs_f64() * 1e3;
-            let h = first_heard
-                .get(&format!("lat{i}"))
-                .map(|h| h.saturating_duration_since(*at).as_secs_f64() * 1e3)
-                .unwrap_or(-1.0);
-            let ins = done_at[i]
-                .map(|d| d.saturating_duration_since(*at).as_secs_f64() * 1e3)
-                .unwrap_or(-1.0);
-            out.push_str(&format!("{i},{off:.1},{h:.1},{ins:.1}\n"));
+    let ms = |from: Instant, to: Instant| to.saturating_duration_since(from).as_secs_f64() * 1e3;
+    let mut insert = Vec::new();
+    let mut after_insert = Vec::new();
+    let mut csv = String::from("event,sent_ms,insert_ms,readable_ms\n");
+    for (i, at) in sent.iter().enumerate() {
+        let Some(at) = *at else { continue };
+        let heard = first_heard.get(&format!("lat{i}")).copied();
+        let done = done_at[i];
+        if let Some(done) = done {
+            insert.push(ms(at, done));
+            if let Some(heard) = heard {
+                after_insert.push(ms(done, heard));
+            }
         }
-        std::fs::write(path, out)?;
+        let or_none = |v: Option<f64>| v.map_or("-1".to_owned(), |v| format!("{v:.2}"));
+        csv.push_str(&format!(
+            "{i},{:.2},{},{}\n",
+            ms(start.into_std(), at),
+            or_none(done.map(|d| ms(at, d))),
+            or_none(heard.map(|h| ms(at, h)))
+        ));
+    }
+    if let Some(path) = &args.latency_csv {
+        std::fs::write(path, csv).with_context(|| format!("cannot write {}", path.display()))?;
     }
     let stamps: Vec<f64> = sqlx::query_scalar(
         "SELECT EXTRACT(EPOCH FROM n.created_at - e.created_at)::float8 * 1000
@@ -716,11 +750,16 @@ async fn latency(pool: &PgPool, url: &str, args: &BenchArgs) -> anyhow::Result<L
         events: total,
         readable: percentiles(readable),
         stamp: percentiles(stamps),
+        insert: percentiles(insert),
+        after_insert: percentiles(after_insert),
     };
     eprintln!(
-        "  latency: {total} events, {} heard; enqueue to readable: {}; db stamps: {}",
+        "  latency: {total} events, {} heard; enqueue to readable: {}; of which the INSERT: {}; \
+         its commit to readable: {}; db stamps: {}",
         heard,
         show_percentiles(out.readable),
+        show_percentiles(out.insert),
+        show_percentiles(out.after_insert),
         show_percentiles(out.stamp)
     );
     Ok(out)
@@ -763,6 +802,14 @@ fn print_report(r: &Report) {
     println!(
         "    enqueue to readable (client): {}",
         show_percentiles(r.latency_readable_ms)
+    );
+    println!(
+        "      the producer's INSERT:      {}",
+        show_percentiles(r.latency_insert_ms)
+    );
+    println!(
+        "      INSERT commit to readable:  {}",
+        show_percentiles(r.latency_after_insert_ms)
     );
     println!(
         "    db stamps (event to row):     {}",

@@ -14,8 +14,8 @@
 //!   retention window, so operators can inspect them until then;
 //! * notifications and processed events older than the retention window (7 days by
 //!   default); an event that never got an outcome is kept twice as long, for inspection;
-//! * `notify.rate_windows` rows whose newest stamp is older than the longest rate window
-//!   the worker accepts (7 days): they can no longer change a decision;
+//! * `notify.rate_windows` rows with no stamp, or whose newest stamp is older than the
+//!   longest rate window the worker accepts (7 days): they can no longer change a decision;
 //! * `apalis.workers` rows of workers silent for a day that hold no job;
 //! * dead tuples: [`vacuum_if_needed`] vacuums the queue and event tables when autovacuum
 //!   has let dead tuples pile up (or is off), so they stay bounded either way.
@@ -129,14 +129,16 @@ pub async fn run_once(pool: &PgPool, retention: Retention) -> Result<Report, sql
         .execute(pool)
     })
     .await?;
-    // The store upserts these rows under the user's lock; a row deleted here held only
-    // stamps that no window can reach, so the next upsert simply starts a new one.
+    // The store takes its per-user lock on these rows (inserting an empty one for a new
+    // user) and upserts them; a row deleted here held only stamps that no window can reach,
+    // or none, so the next batch for that user simply starts a new one. Rows locked by a
+    // batch in flight are skipped.
     let rate_windows = repeat(batch, || {
         sqlx::query(
             "DELETE FROM notify.rate_windows
              WHERE user_id = ANY(ARRAY(
                  SELECT user_id FROM notify.rate_windows
-                 WHERE stamps[1] < now() - interval '7 days'
+                 WHERE stamps[1] IS NULL OR stamps[1] < now() - interval '7 days'
                  LIMIT $1 FOR UPDATE SKIP LOCKED))",
         )
         .bind(batch)

@@ -2,8 +2,12 @@
 //! whole batch of events in one transaction (group commit).
 //!
 //! The transaction does, in order:
-//! 1. take a per-user advisory lock for every user in the batch, in ascending key order
-//!    (so two replicas can never deadlock on each other);
+//! 1. lock every user of the batch: one statement that, in ascending `user_id` order,
+//!    inserts the user's `notify.rate_windows` row or, when it exists, locks it (so two
+//!    replicas can never deadlock on each other). Row locks live in the rows, not in the
+//!    server's shared lock table: advisory locks (the first design, one per user) ran out
+//!    of it ("out of shared memory") with 4 replicas x 4 batches of 1,000 users, and an
+//!    exhausted lock table fails every other session of the database too;
 //! 2. in one set-based statement:
 //!    * skip events that already have an outcome (a job that ran twice: "duplicate");
 //!    * **preferences**: an event whose `(user_id, event_type)` switch is off is `opted_out`
@@ -38,10 +42,6 @@ use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, PgExecutor};
 
 use crate::validate::EventRow;
-
-/// The advisory lock class for per-user locks: "notf" in ASCII, to keep clear of other
-/// users of two-key advisory locks in the same database.
-const USER_LOCK_CLASS: i32 = 0x6e6f_7466;
 
 /// The per-user limit: at most `limit` notifications in any rolling `window`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -137,6 +137,10 @@ pub async fn apply_batch(
     Ok(decisions)
 }
 
+/// Take the per-user locks of a batch: see the module doc. `ON CONFLICT DO UPDATE … WHERE
+/// false` locks an existing row without writing a new version of it, and waits for a
+/// concurrent transaction that is inserting the same user, so every user ends up either
+/// inserted or locked by this transaction, in key order.
 async fn lock_users<'a>(
     tx: &mut PgConnection,
     users: impl Iterator<Item = &'a str>,
@@ -144,14 +148,11 @@ async fn lock_users<'a>(
     let mut users: Vec<&str> = users.collect();
     users.sort_unstable();
     users.dedup();
-    // Volatile functions in the select list run after ORDER BY, so the locks are taken
-    // in key order.
     sqlx::query(
-        "SELECT pg_advisory_xact_lock($1, k)
-         FROM (SELECT DISTINCT hashtext(u) AS k FROM unnest($2::text[]) AS u) AS keys
-         ORDER BY k",
+        "INSERT INTO notify.rate_windows AS w (user_id, stamps, counts)
+         SELECT u, '{}', '{}' FROM unnest($1::text[]) WITH ORDINALITY AS x(u, n) ORDER BY n
+         ON CONFLICT (user_id) DO UPDATE SET stamps = w.stamps WHERE false",
     )
-    .bind(USER_LOCK_CLASS)
     .bind(&users)
     .execute(&mut *tx)
     .await?;

@@ -698,13 +698,17 @@ async fn sigterm_with_a_stuck_batch_releases_its_jobs_at_the_deadline() {
     let db = TestDb::new().await;
     let pool = &db.pool;
     const N: i64 = 10 * 100;
-    // Hold user-0's store lock (the advisory lock the store transaction takes per user), so
-    // any batch with a user-0 event blocks: in-flight jobs cannot finish.
+    // Hold user-0's store lock (its notify.rate_windows row, which the store transaction
+    // locks per user) in an open transaction, so any batch with a user-0 event blocks:
+    // in-flight jobs cannot finish.
     let mut blocker = sqlx::PgConnection::connect(&db.url).await.unwrap();
-    sqlx::query("SELECT pg_advisory_lock(1852798054, hashtext('user-0'))")
-        .execute(&mut blocker)
-        .await
-        .unwrap();
+    sqlx::query("BEGIN").execute(&mut blocker).await.unwrap();
+    sqlx::query(
+        "INSERT INTO notify.rate_windows (user_id, stamps, counts) VALUES ('user-0', '{}', '{}')",
+    )
+    .execute(&mut blocker)
+    .await
+    .unwrap();
     enqueue(pool, "stuck", 10, 100).await;
     let mut a = Proc::worker(
         &db.url,
