@@ -1,9 +1,10 @@
 -- Enqueuing sends no NOTIFY: apalis-postgres's per-row trigger on `apalis.jobs`
--- (`notify_workers`, which calls `pg_notify('apalis::job::insert', ...)` for every job row)
+-- (`notify_workers`, which calls `pg_notify('apalis::job::insert', ...)` for every job row
+-- that is due at once)
 -- is disabled, and workers find new jobs by polling the claim index instead
 -- (`NOTIFYD_POLL_INTERVAL_MS`, 10 ms by default).
 --
--- Why: a transaction that has sent a NOTIFY takes one lock for the whole database
+-- Why: a transaction that has sent a NOTIFY takes one lock for the whole cluster
 -- ("object" lock on the notification queue) at commit and holds it until its commit record
 -- is flushed. Every backend transaction that enqueued an event therefore committed one at
 -- a time, behind every other enqueuing transaction and every worker batch. Measured at a
@@ -12,8 +13,11 @@
 -- a p99 of 37 ms, and pg_stat_activity showed the producers waiting on `Lock: object` in
 -- 85 % of samples.
 --
--- Compatible both ways: workers of the previous release still poll (every 500 ms by
--- default), so during a rolling deploy they only wake up later. An apalis-postgres
+-- Compatible both ways for batch-mode workers of the previous release: they still poll
+-- (every 500 ms by default), so during a rolling deploy they only wake up later. Per-job
+-- workers of the previous release can wait for their next heartbeat instead (apalis's
+-- interval poll can lose its timer); roll those back with the trigger enabled again
+-- (`ALTER TABLE apalis.jobs ENABLE TRIGGER notify_workers`). An apalis-postgres
 -- upgrade whose migrations recreate the trigger is caught by the test
 -- `enqueue_sends_no_notify` (tests/contract.rs) and by a warning at worker start-up.
 ALTER TABLE apalis.jobs DISABLE TRIGGER notify_workers;

@@ -16,7 +16,7 @@
 //! * **Wake-up**: an interval poll (`--poll-interval-ms`, 10 ms by default) in both modes.
 //!   Enqueuing sends no NOTIFY: apalis's per-row `notify_workers` trigger is disabled
 //!   (migration `20261201000003_enqueue_without_notify.sql`), because a NOTIFY makes every
-//!   enqueuing transaction take a database-wide lock at commit and hold it through the
+//!   enqueuing transaction take a cluster-wide lock at commit and hold it through the
 //!   commit's flush, so the backend's transactions would commit one at a time.
 //!   The worker warns at start-up ([`crate::db::enqueue_notify_triggers`]) if an apalis upgrade has brought it back.
 //! * **Codec**: payloads reach the handler as raw bytes ([`RawCodec`] cannot fail), because
@@ -289,14 +289,13 @@ async fn handle_batch(
     Ok(())
 }
 
-/// Count `n` jobs whose batch failed and that go back to the queue.
 /// The per-job mode's poll clock: one item every `period`, always armed.
 ///
 /// apalis's own interval strategy re-creates its timer when it fires without polling the
 /// new one, so when that tick coincides with an empty fetch nothing is left to wake the
 /// worker until its next heartbeat (seen as an idle replica that took no jobs for
-/// seconds once the LISTEN wake-up was gone). This stream asks to be polled again right
-/// after every tick, which arms the next one.
+/// seconds once the LISTEN wake-up was gone). This stream polls its interval once more
+/// after every tick, which arms the next one with the caller's waker.
 struct Ticks(tokio::time::Interval);
 
 impl Ticks {
@@ -316,7 +315,8 @@ impl futures::Stream for Ticks {
     ) -> std::task::Poll<Option<()>> {
         match self.0.poll_tick(cx) {
             std::task::Poll::Ready(_) => {
-                cx.waker().wake_by_ref();
+                // The next tick is a period away: this returns Pending and registers `cx`.
+                let _ = self.0.poll_tick(cx);
                 std::task::Poll::Ready(Some(()))
             }
             std::task::Poll::Pending => std::task::Poll::Pending,
@@ -324,6 +324,7 @@ impl futures::Stream for Ticks {
     }
 }
 
+/// Count `n` jobs whose batch failed and that go back to the queue.
 fn count_retries(n: usize) {
     let mut tally = metrics::OutcomeTally::default();
     for _ in 0..n {
@@ -631,4 +632,45 @@ pub async fn rescue_orphans(pool: &PgPool, after: Duration) -> Result<Vec<Rescue
         ::metrics::counter!(metrics::RESCUED).increment(total as u64);
     }
     Ok(rescued)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::task::{Context, Poll};
+
+    use futures::Stream;
+
+    use super::*;
+
+    struct Woken(AtomicBool);
+
+    impl futures::task::ArcWake for Woken {
+        fn wake_by_ref(arc_self: &Arc<Self>) {
+            arc_self.0.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// apalis's poll wrapper polls its strategy once per worker poll and ignores the
+    /// answer, so after a tick nobody polls the clock again: the next tick must still wake
+    /// the worker on its own.
+    #[tokio::test(start_paused = true)]
+    async fn the_poll_clock_stays_armed_after_a_tick_nobody_polls_again() {
+        let woken = Arc::new(Woken(AtomicBool::new(false)));
+        let waker = futures::task::waker(woken.clone());
+        let mut cx = Context::from_waker(&waker);
+        let mut ticks = Ticks::new(Duration::from_millis(10));
+        // A tokio interval's first tick is immediate.
+        assert!(matches!(
+            std::pin::Pin::new(&mut ticks).poll_next(&mut cx),
+            Poll::Ready(Some(()))
+        ));
+        assert!(!woken.0.load(Ordering::SeqCst));
+        tokio::time::advance(Duration::from_millis(11)).await;
+        assert!(
+            woken.0.load(Ordering::SeqCst),
+            "the next tick woke the task that got the last one"
+        );
+    }
 }

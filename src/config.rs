@@ -116,7 +116,7 @@ pub struct WorkerArgs {
     /// Milliseconds between looks at the queue while nothing is claimable (new and delayed
     /// events are found this way: enqueuing sends no NOTIFY).
     #[arg(long, env = "NOTIFYD_POLL_INTERVAL_MS", default_value_t = 10,
-          value_parser = clap::value_parser!(u64).range(1..=60_000))]
+          value_parser = clap::value_parser!(u64).range(5..=60_000))]
     pub poll_interval_ms: u64,
 
     #[command(flatten)]
@@ -158,7 +158,7 @@ pub struct WorkerArgs {
 
     /// Seconds a worker's database session may sit idle inside a transaction before the
     /// server ends it (idle_in_transaction_session_timeout; 0 turns it off). A frozen or
-    /// partitioned worker would otherwise keep its row and advisory locks, and stall the
+    /// partitioned worker would otherwise keep its row locks (claimed jobs, users), and stall the
     /// rescue of its jobs and other replicas' batches for the same users.
     #[arg(long, env = "NOTIFYD_IDLE_TX_TIMEOUT_SECS", default_value_t = 5,
           value_parser = clap::value_parser!(u64).range(0..=3600))]

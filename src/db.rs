@@ -83,7 +83,7 @@ pub async fn check_schema(pool: &PgPool) -> anyhow::Result<()> {
 
 /// Enabled triggers on the enqueue path (`notify.events`, `apalis.jobs`) whose function
 /// calls `pg_notify`, as `table.trigger`. There should be none: a NOTIFY makes every
-/// enqueuing transaction take a database-wide lock at commit and hold it through the
+/// enqueuing transaction take a cluster-wide lock at commit and hold it through the
 /// commit's flush (migration `20261201000003_enqueue_without_notify.sql`). An
 /// apalis-postgres upgrade whose migrations recreate its `notify_workers` trigger would
 /// bring one back.
@@ -93,7 +93,7 @@ pub async fn enqueue_notify_triggers(pool: &PgPool) -> Result<Vec<String>, sqlx:
          FROM pg_trigger AS t JOIN pg_proc AS p ON p.oid = t.tgfoid
          WHERE t.tgrelid IN ('notify.events'::regclass, 'apalis.jobs'::regclass)
            AND NOT t.tgisinternal AND t.tgenabled <> 'D'
-           AND p.prosrc ILIKE '%pg_notify%'
+           AND (p.prosrc ILIKE '%pg_notify%' OR p.prosrc ~* '\\mnotify\\s')
          ORDER BY 1",
     )
     .fetch_all(pool)

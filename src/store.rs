@@ -2,7 +2,8 @@
 //! whole batch of events in one transaction (group commit).
 //!
 //! The transaction does, in order:
-//! 1. lock every user of the batch: one statement that, in ascending `user_id` order,
+//! 1. lock every user of the batch: one statement that, in ascending byte order of
+//!    `user_id` (sorted in Rust, so every replica uses the same order whatever the collation),
 //!    inserts the user's `notify.rate_windows` row or, when it exists, locks it (so two
 //!    replicas can never deadlock on each other). Row locks live in the rows, not in the
 //!    server's shared lock table: advisory locks (the first design, one per user) ran out

@@ -68,3 +68,30 @@ async fn dead_tuples_are_vacuumed_even_without_autovacuum() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// Rows of `notify.rate_windows` that can no longer change a decision are deleted: no stamp
+/// at all (a user whose batches stored nothing still gets a row, which is the store's lock)
+/// or only stamps older than the longest window. A recent one stays.
+#[tokio::test]
+async fn rate_windows_rows_that_cannot_count_are_deleted() {
+    let db = TestDb::new().await;
+    sqlx::query(
+        "INSERT INTO notify.rate_windows (user_id, stamps, counts) VALUES
+             ('empty', '{}', '{}'),
+             ('old', ARRAY[now() - interval '8 days'], ARRAY[3]),
+             ('recent', ARRAY[now() - interval '1 hour'], ARRAY[2])",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let report = notifyd::cleanup::run_once(&db.pool, notifyd::cleanup::Retention::default())
+        .await
+        .unwrap();
+    assert_eq!(report.rate_windows, 2);
+    let left: Vec<String> =
+        sqlx::query_scalar("SELECT user_id FROM notify.rate_windows ORDER BY user_id")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(left, vec!["recent".to_owned()]);
+}

@@ -240,7 +240,7 @@ async fn two_workers_drain_2000_events_with_an_exact_rate_limit(mode: ClaimMode)
         limit: LIMIT,
         window: Duration::from_secs(3600),
     };
-    // Both idle and listening before the events arrive, so they race for them. Small claims
+    // Both idle and polling before the events arrive, so they race for them. Small claims
     // and small store transactions, several at once per replica, so that many transactions
     // hold events of the same user at the moment that user reaches the limit.
     let a = Worker::start_with(&db, "replica-a", rate, mode, 20, 10, 4).await;

@@ -182,7 +182,8 @@ impl Drop for Server {
 }
 
 /// Store `n` notifications for `user` in one transaction, announced as the worker's
-/// store does (per-user lock, ids drawn under it, NOTIFY in the transaction). Returns
+/// store does (ids drawn under a per-user lock, NOTIFY in the transaction; the lock here
+/// is an advisory one of its own, enough for tests without a worker). Returns
 /// their ids, ascending.
 pub async fn add(db: &TestDb, user: &str, n: i32) -> Vec<i64> {
     add_on(&db.pool, user, n).await
