@@ -93,7 +93,7 @@ pub struct BenchArgs {
     pub keep: bool,
 
     /// Write one CSV line per latency probe to this file: `event,sent_ms,insert_ms,readable_ms`
-    /// (sent_ms from the start of the phase; -1 where not measured), to see when in a run
+    /// (sent_ms from the start of the phase; readable_ms -1 where never heard), to see when in a run
     /// the slow ones happened and on which side of the INSERT's commit.
     #[arg(long)]
     pub latency_csv: Option<std::path::PathBuf>,
@@ -647,21 +647,24 @@ async fn latency(pool: &PgPool, url: &str, args: &BenchArgs) -> anyhow::Result<L
         first_heard
     });
 
-    let producers = db::connect(url, 16, "notifyd-bench-producer").await?;
+    const PRODUCER_CONNECTIONS: u32 = 16;
+    let producers = db::connect(url, PRODUCER_CONNECTIONS, "notifyd-bench-producer").await?;
     // Open every producer connection before the clock starts, as a running backend's pool
     // would be: otherwise the first second measures connection set-up (up to 160 ms).
-    drop(futures::future::try_join_all((0..16).map(|_| producers.acquire())).await?);
+    drop(
+        futures::future::try_join_all((0..PRODUCER_CONNECTIONS).map(|_| producers.acquire()))
+            .await?,
+    );
     let total = args.rate * args.latency_secs;
     let interval = Duration::from_secs_f64(1.0 / args.rate as f64);
     let start = tokio::time::Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
-    let mut sent: Vec<Option<Instant>> = vec![None; total as usize];
-    let mut done_at: Vec<Option<Instant>> = vec![None; total as usize];
+    // Per probe: when its INSERT was sent, and when its commit was acknowledged.
+    let mut sent: Vec<Option<(Instant, Instant)>> = vec![None; total as usize];
     let mut record =
         |r: Result<Result<(u64, Instant, Instant), sqlx::Error>, tokio::task::JoinError>| {
-            let (i, at, d) = r??;
-            sent[i as usize] = Some(at);
-            done_at[i as usize] = Some(d);
+            let (i, at, committed) = r??;
+            sent[i as usize] = Some((at, committed));
             Ok::<(), anyhow::Error>(())
         };
     for i in 0..total {
@@ -704,34 +707,26 @@ async fn latency(pool: &PgPool, url: &str, args: &BenchArgs) -> anyhow::Result<L
     let _ = stop_listening.send(());
     let first_heard = heard.await.unwrap_or_default();
 
-    let readable: Vec<f64> = sent
-        .iter()
-        .enumerate()
-        .filter_map(|(i, at)| {
-            let heard = first_heard.get(&format!("lat{i}"))?;
-            Some(heard.saturating_duration_since((*at)?).as_secs_f64() * 1e3)
-        })
-        .collect();
     let ms = |from: Instant, to: Instant| to.saturating_duration_since(from).as_secs_f64() * 1e3;
+    let mut readable = Vec::new();
     let mut insert = Vec::new();
     let mut after_insert = Vec::new();
     let mut csv = String::from("event,sent_ms,insert_ms,readable_ms\n");
-    for (i, at) in sent.iter().enumerate() {
-        let Some(at) = *at else { continue };
+    for (i, probe) in sent.iter().enumerate() {
+        let Some((at, committed)) = *probe else {
+            continue;
+        };
+        insert.push(ms(at, committed));
         let heard = first_heard.get(&format!("lat{i}")).copied();
-        let done = done_at[i];
-        if let Some(done) = done {
-            insert.push(ms(at, done));
-            if let Some(heard) = heard {
-                after_insert.push(ms(done, heard));
-            }
+        if let Some(heard) = heard {
+            readable.push(ms(at, heard));
+            after_insert.push(ms(committed, heard));
         }
-        let or_none = |v: Option<f64>| v.map_or("-1".to_owned(), |v| format!("{v:.2}"));
         csv.push_str(&format!(
-            "{i},{:.2},{},{}\n",
+            "{i},{:.2},{:.2},{}\n",
             ms(start.into_std(), at),
-            or_none(done.map(|d| ms(at, d))),
-            or_none(heard.map(|h| ms(at, h)))
+            ms(at, committed),
+            heard.map_or("-1".to_owned(), |h| format!("{:.2}", ms(at, h)))
         ));
     }
     if let Some(path) = &args.latency_csv {

@@ -17,8 +17,9 @@
 //!   Enqueuing sends no NOTIFY: apalis's per-row `notify_workers` trigger is disabled
 //!   (migration `20261201000003_enqueue_without_notify.sql`), because a NOTIFY makes every
 //!   enqueuing transaction take a cluster-wide lock at commit and hold it through the
-//!   commit's flush, so the backend's transactions would commit one at a time.
-//!   The worker warns at start-up ([`crate::db::enqueue_notify_triggers`]) if an apalis upgrade has brought it back.
+//!   commit's flush, so the backend's transactions would commit one at a time. The worker
+//!   warns at start-up ([`crate::db::enqueue_notify_triggers`]) if an apalis upgrade has
+//!   brought it back.
 //! * **Codec**: payloads reach the handler as raw bytes ([`RawCodec`] cannot fail), because
 //!   apalis's worker exits on a decode error. The pipeline validates the bytes itself.
 //! * **Outcomes**: a bad job returns `AbortError` (status `Killed`, not retried, reason in
