@@ -164,13 +164,16 @@ UPDATE notify.notifications SET read_at = now()
 WHERE user_id = '42' AND read_at IS NULL;
 
 -- ---------------------------------------------------------------------------------------
--- Outcomes: the worker records one per event in notify.events (NULL = not processed yet).
+-- Outcomes: one per event, in the view notify.event_outcomes (NULL = not processed yet).
+-- A stored event's record is its notification; the worker writes the other outcomes
+-- (suppressed, invalid) on the notify.events row, where the two queries after the first
+-- read them through the events_suppressed index.
 -- ---------------------------------------------------------------------------------------
 
 -- name: event_status
 -- What became of one event (look it up by your idempotency key, or by the id RETURNING gave).
-SELECT id, outcome, outcome_reason, processed_at
-FROM notify.events
+SELECT event_id, outcome, outcome_reason, processed_at, notification_id
+FROM notify.event_outcomes
 WHERE idempotency_key = 'message:1002:new_message';
 
 -- name: suppressed_counts
@@ -201,5 +204,5 @@ LIMIT 100;
 -- Events due but not processed yet, and delayed ones still waiting.
 SELECT count(*) FILTER (WHERE run_at <= now()) AS due,
        count(*) FILTER (WHERE run_at > now())  AS delayed
-FROM notify.events
+FROM notify.event_outcomes
 WHERE outcome IS NULL;

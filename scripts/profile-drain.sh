@@ -78,7 +78,7 @@ fi
 # per poll, which would be charged to the drain being profiled.
 drained() {
     [[ "$("$PSQL" -X -t -A -d "$URL" -c "SELECT EXISTS (SELECT 1 FROM apalis.jobs WHERE job_type = 'notifyd.events' AND (status = 'Pending' OR (status = 'Failed' AND attempts < max_attempts)))")" == f ]] &&
-        [[ "$("$PSQL" -X -t -A -d "$URL" -c "SELECT count(*) FROM notify.events WHERE outcome IS NULL")" == 0 ]]
+        [[ "$("$PSQL" -X -t -A -d "$URL" -c "SELECT count(*) FROM notify.event_outcomes WHERE outcome IS NULL")" == 0 ]]
 }
 until drained; do
     kill -0 "$WORKER_PID" 2>/dev/null || { tail -n 20 "$WORK/worker.log" >&2; die "the worker exited"; }

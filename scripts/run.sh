@@ -195,7 +195,7 @@ processed=0
 while :; do
     check_alive
     stored=$(psql_db -t -A -c "SELECT count(*) FROM notify.notifications WHERE user_id = '42' AND event_id IN ($ids)")
-    processed=$(psql_db -t -A -c "SELECT count(*) FROM notify.events WHERE id IN ($ids) AND outcome IS NOT NULL" 2>/dev/null || echo 0)
+    processed=$(psql_db -t -A -c "SELECT count(*) FROM notify.event_outcomes WHERE event_id IN ($ids) AND outcome IS NOT NULL" 2>/dev/null || echo 0)
     if ((stored >= want || processed >= want || SECONDS >= deadline)); then break; fi
     sleep 0.2
 done

@@ -431,7 +431,7 @@ async fn soak(
         .fetch_one(pool)
         .await?;
         let backlog: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM notify.events WHERE id > $1 AND outcome IS NULL",
+            "SELECT count(*) FROM notify.event_outcomes WHERE event_id > $1 AND outcome IS NULL",
         )
         .bind(first_id)
         .fetch_one(pool)
@@ -497,7 +497,7 @@ async fn claimable_jobs_left(pool: &PgPool) -> anyhow::Result<bool> {
 
 async fn processed(pool: &PgPool) -> anyhow::Result<i64> {
     Ok(
-        sqlx::query_scalar("SELECT count(*) FROM notify.events WHERE outcome IS NOT NULL")
+        sqlx::query_scalar("SELECT count(*) FROM notify.event_outcomes WHERE outcome IS NOT NULL")
             .fetch_one(pool)
             .await?,
     )
@@ -691,7 +691,7 @@ async fn latency(pool: &PgPool, url: &str, args: &BenchArgs) -> anyhow::Result<L
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let pending: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM notify.events WHERE id > $1 AND outcome IS NULL",
+            "SELECT count(*) FROM notify.event_outcomes WHERE event_id > $1 AND outcome IS NULL",
         )
         .bind(first_id)
         .fetch_one(pool)

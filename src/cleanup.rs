@@ -12,8 +12,9 @@
 //!   work and its dead tuples stay bounded;
 //! * queue rows of failed jobs (`Killed`, or `Failed` with attempts exhausted): after the
 //!   retention window, so operators can inspect them until then;
-//! * notifications and processed events older than the retention window (7 days by
-//!   default); an event that never got an outcome is kept twice as long, for inspection;
+//! * processed events (an outcome on the row, or a notification), then notifications,
+//!   older than the retention window (7 days by default); an event that never got an
+//!   outcome is kept twice as long, for inspection;
 //! * `notify.rate_windows` rows with no stamp, or whose newest stamp is older than the
 //!   longest rate window the worker accepts (7 days): they can no longer change a decision;
 //! * `apalis.workers` rows of workers silent for a day that hold no job;
@@ -102,12 +103,20 @@ pub async fn run_once(pool: &PgPool, retention: Retention) -> Result<Report, sql
         .execute(pool)
     })
     .await?;
-    let notifications = repeat(batch, || {
+    // Events before notifications: deleting a notification whose event row still exists
+    // writes `stored` on the event row (trigger `notifications_keep_outcome`), which
+    // would be wasted on rows about to go. An event is processed when it has an outcome
+    // or a notification (a stored event's record).
+    let events = repeat(batch, || {
         sqlx::query(
-            "DELETE FROM notify.notifications
-             WHERE ctid = ANY(ARRAY(
-                 SELECT ctid FROM notify.notifications
-                 WHERE created_at < now() - $1::interval
+            "DELETE FROM notify.events
+             WHERE id = ANY(ARRAY(
+                 SELECT e.id FROM notify.events AS e
+                 WHERE (e.created_at < now() - $1::interval
+                        AND (e.outcome IS NOT NULL
+                             OR (SELECT n.event_id FROM notify.notifications AS n
+                                 WHERE n.event_id = e.id) IS NOT NULL))
+                    OR e.created_at < now() - 2 * $1::interval
                  LIMIT $2 FOR UPDATE SKIP LOCKED))",
         )
         .bind(keep)
@@ -115,13 +124,12 @@ pub async fn run_once(pool: &PgPool, retention: Retention) -> Result<Report, sql
         .execute(pool)
     })
     .await?;
-    let events = repeat(batch, || {
+    let notifications = repeat(batch, || {
         sqlx::query(
-            "DELETE FROM notify.events
-             WHERE id = ANY(ARRAY(
-                 SELECT id FROM notify.events
-                 WHERE (outcome IS NOT NULL AND created_at < now() - $1::interval)
-                    OR created_at < now() - 2 * $1::interval
+            "DELETE FROM notify.notifications
+             WHERE ctid = ANY(ARRAY(
+                 SELECT ctid FROM notify.notifications
+                 WHERE created_at < now() - $1::interval
                  LIMIT $2 FOR UPDATE SKIP LOCKED))",
         )
         .bind(keep)

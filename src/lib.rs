@@ -10,8 +10,10 @@
 //! ```
 //!
 //! Guarantees: the queue is at-least-once (a job can run twice after a crash or a rescue),
-//! the effect is exactly-once (one notification per event, enforced by a unique key and an
-//! outcome recorded in the same transaction), and the per-user rate limit is exact across
+//! the effect is exactly-once (one notification per event, enforced by a unique key, and
+//! every outcome decided once under the user's lock: a stored event's record is its
+//! notification, the others are written on the event row), and the per-user rate limit is
+//! exact across
 //! any number of worker replicas.
 
 pub mod config;

@@ -221,7 +221,7 @@ pub async fn workers(pool: &PgPool, rescue_after: Duration) -> Result<Vec<Worker
 pub async fn recent_outcomes(pool: &PgPool) -> Result<BTreeMap<String, i64>, sqlx::Error> {
     let rows: Vec<(String, i64)> = sqlx::query_as(
         "SELECT COALESCE(outcome, 'unprocessed'), count(*)
-         FROM notify.events WHERE created_at > now() - interval '1 hour'
+         FROM notify.event_outcomes WHERE created_at > now() - interval '1 hour'
          GROUP BY 1",
     )
     .fetch_all(pool)
@@ -359,11 +359,9 @@ pub struct EventView {
 
 pub async fn event(pool: &PgPool, id: i64) -> Result<Option<EventView>, sqlx::Error> {
     sqlx::query_as(
-        "SELECT e.id, e.user_id, e.event_type, e.created_at, e.run_at, e.outcome,
-                e.outcome_reason, e.processed_at, n.id AS notification_id
-         FROM notify.events AS e
-         LEFT JOIN notify.notifications AS n ON n.event_id = e.id
-         WHERE e.id = $1",
+        "SELECT event_id AS id, user_id, event_type, created_at, run_at, outcome,
+                outcome_reason, processed_at, notification_id
+         FROM notify.event_outcomes WHERE event_id = $1",
     )
     .bind(id)
     .fetch_optional(pool)
@@ -506,7 +504,7 @@ pub async fn run_jobs(pool: &PgPool, args: &JobsArgs) -> anyhow::Result<()> {
             let job = job(pool, id).await?.with_context(|| {
                 format!(
                     "no job {id} in queue {QUEUE} (a finished job is deleted with its \
-                         outcome recorded: see notify.events.outcome for its event)"
+                         outcome recorded: see notify.event_outcomes for its event)"
                 )
             })?;
             let event = match job.event_id {

@@ -23,7 +23,8 @@ use crate::store::{self, Decision, Prepared, RateLimit};
 use crate::validate::{BadJob, EventRow, RawJob, parse_job, validate_event};
 
 /// What happened to one event. This is the job's result in `apalis.jobs.last_result`, and
-/// (except `duplicate`) the event's `outcome` in `notify.events`.
+/// (except `duplicate`) the event's `outcome` in `notify.event_outcomes`: for `stored`, the
+/// notification; for the others, the `outcome` written on its `notify.events` row.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "outcome", rename_all = "snake_case")]
 pub enum Outcome {

@@ -10,7 +10,8 @@
 //!    of it ("out of shared memory") with 4 replicas x 4 batches of 1,000 users, and an
 //!    exhausted lock table fails every other session of the database too;
 //! 2. in one set-based statement:
-//!    * skip events that already have an outcome (a job that ran twice: "duplicate");
+//!    * skip events already decided (a job that ran twice: "duplicate"): a suppressed
+//!      event has an outcome on its row, a stored one has a notification;
 //!    * **preferences**: an event whose `(user_id, event_type)` switch is off is `opted_out`
 //!      (a missing row means on);
 //!    * **rate limit**: per user, count the deliveries stamped within the window (from the
@@ -23,10 +24,16 @@
 //!      newest `limit`). Exact across restarts with a longer window or a higher limit; after
 //!      a limit was lowered and raised again within one window, the entries the lower limit
 //!      trimmed are not counted;
-//!    * record every outcome on its `notify.events` row.
+//!    * write the outcome of every event that was not stored on its `notify.events` row.
+//!      A stored event's record is its notification alone (the view
+//!      `notify.event_outcomes` reads `stored` from it): writing `stored` on the wide event
+//!      row as well was one more row version per delivered event, and the drain ran 1.2x
+//!      faster without it (BENCHMARKS.md, "The outcome of a stored event"). Deleting a
+//!      notification writes `stored` on its event row (a trigger), so the check above
+//!      still finds the event decided.
 //!
 //! Invariants this gives, even with many replicas racing and jobs running twice:
-//! * one notification per event (unique `event_id`, and the outcome check under the lock);
+//! * one notification per event (unique `event_id`, and the decided check under the lock);
 //! * in any window of `window` length, a user has at most `limit` notifications. The
 //!   stamp is `statement_timestamp()` of the statement that runs after the user's lock is
 //!   held, so per user, stamps grow in lock order, and each insert counts everything stamped
@@ -82,14 +89,19 @@ pub struct Decision {
     pub notification_id: Option<i64>,
 }
 
-/// Load the events named by a batch of jobs. Missing ids are simply absent.
+/// Load the events named by a batch of jobs. Missing ids are simply absent. `outcome` is
+/// the event's as `notify.event_outcomes` has it (`stored` when it has a notification), read
+/// with one index probe per event.
 pub async fn fetch_events<'e>(
     db: impl PgExecutor<'e>,
     ids: &[i64],
 ) -> Result<Vec<EventRow>, sqlx::Error> {
     sqlx::query_as::<_, EventRow>(
-        "SELECT id, user_id, event_type, body, link, outcome
-         FROM notify.events WHERE id = ANY($1)",
+        "SELECT e.id, e.user_id, e.event_type, e.body, e.link,
+                COALESCE(e.outcome,
+                         (SELECT 'stored' FROM notify.notifications AS n
+                          WHERE n.event_id = e.id)) AS outcome
+         FROM notify.events AS e WHERE e.id = ANY($1)",
     )
     .bind(ids)
     .fetch_all(db)
@@ -100,8 +112,8 @@ pub async fn fetch_events<'e>(
 /// notifications and the announcement; the caller commits (or rolls back, and then nothing
 /// happened). `finished_jobs` are queue rows (`apalis.jobs.id`) to delete in the same
 /// statement: the batch claim mode's finished jobs, so that settling them costs no round
-/// trip of its own. Events that already had an outcome are not in the result (they are
-/// duplicates of an earlier run). `now` is for tests; `None` means the database clock.
+/// trip of its own. Events already decided are not in the result (they are duplicates of an
+/// earlier run). `now` is for tests; `None` means the database clock.
 pub async fn apply_in(
     tx: &mut PgConnection,
     batch: &[Prepared],
@@ -177,8 +189,15 @@ clock AS (
     SELECT COALESCE($7::timestamptz, statement_timestamp()) AS now
 ),
 decided AS (
+    -- An event already decided is left out by the join (a suppressed one: its row has an
+    -- outcome) or marked `duplicate` (a stored one: its record is its notification, and
+    -- its events row keeps no outcome). The check is a scalar subquery, one index probe
+    -- per event: as NOT EXISTS the planner may hash every notification, and as a filter
+    -- its estimate (a few rows) makes the planner join the rest with nested loops.
     SELECT i.*,
            CASE
+               WHEN (SELECT n.event_id FROM notify.notifications AS n
+                     WHERE n.event_id = i.event_id) IS NOT NULL THEN 'duplicate'
                WHEN i.invalid_reason IS NOT NULL THEN 'invalid'
                WHEN pref.enabled IS FALSE THEN 'opted_out'
            END AS early_outcome
@@ -258,10 +277,13 @@ recorded AS (
         outcome_reason = CASE WHEN j.outcome = 'invalid' THEN j.invalid_reason END,
         processed_at = clock.now
     FROM judged AS j, clock
-    WHERE e.id = j.event_id
-    RETURNING e.id, e.user_id, e.outcome
+    WHERE e.id = j.event_id AND j.outcome NOT IN ('stored', 'duplicate')
+    RETURNING 1
 )
-SELECT id AS event_id, user_id, outcome, NULL::bigint AS notification_id FROM recorded
+SELECT event_id, user_id, outcome, NULL::bigint AS notification_id FROM judged
+WHERE outcome <> 'duplicate'
+UNION ALL
+SELECT -1, NULL, NULL, count(*) FROM recorded
 UNION ALL
 SELECT event_id, NULL, NULL, id FROM inserted
 UNION ALL

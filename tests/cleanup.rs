@@ -1,11 +1,12 @@
-//! The dead-tuple safety net: with autovacuum off for a table (as it is on some servers for
-//! all of them), the worker's own check vacuums it once dead tuples pile up.
+//! Retention and the dead-tuple safety net: what a cleanup pass deletes, and, with
+//! autovacuum off for a table (as it is on some servers for all of them), the worker's own
+//! check vacuums it once dead tuples pile up.
 
 mod common;
 
 use std::time::{Duration, Instant};
 
-use common::TestDb;
+use common::{TestDb, process};
 
 async fn dead_tuples(pool: &sqlx::PgPool) -> i64 {
     sqlx::query_scalar(
@@ -94,4 +95,55 @@ async fn rate_windows_rows_that_cannot_count_are_deleted() {
             .await
             .unwrap();
     assert_eq!(left, vec!["recent".to_owned()]);
+}
+
+/// Retention: events processed before the window go, whether their record is an outcome
+/// on the row (suppressed) or a notification (stored), and so do old notifications; an
+/// event never processed stays twice as long; recent ones stay.
+#[tokio::test]
+async fn retention_deletes_processed_events_and_old_notifications() {
+    let db = TestDb::new().await;
+    let stored = db.enqueue("r", "new_message", "stored").await;
+    let invalid = db.enqueue("r", "new_message", "<script>x</script>").await;
+    let pending = db.enqueue("r", "new_message", "never processed").await;
+    let ancient = db
+        .enqueue("r", "new_message", "never processed, long ago")
+        .await;
+    let fresh = db.enqueue("r", "new_message", "stored today").await;
+    process(&db.pipeline(), &[stored, invalid, fresh]).await;
+    for (ids, age) in [
+        (vec![stored, invalid, pending], "8 days"),
+        (vec![ancient], "15 days"),
+    ] {
+        sqlx::query(
+            "UPDATE notify.events SET created_at = now() - $2::text::interval WHERE id = ANY($1)",
+        )
+        .bind(&ids)
+        .bind(age)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    }
+    sqlx::query(
+        "UPDATE notify.notifications SET created_at = now() - interval '8 days'
+         WHERE event_id = $1",
+    )
+    .bind(stored)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let report = notifyd::cleanup::run_once(&db.pool, notifyd::cleanup::Retention::default())
+        .await
+        .unwrap();
+    assert_eq!((report.events, report.notifications), (3, 1), "{report:?}");
+    let left: Vec<(i64, Option<String>)> =
+        sqlx::query_as("SELECT event_id, outcome FROM notify.event_outcomes ORDER BY event_id")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(left, vec![(pending, None), (fresh, Some("stored".into()))]);
+    assert_eq!(
+        db.count("SELECT count(*) FROM notify.notifications").await,
+        1
+    );
 }

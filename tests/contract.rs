@@ -82,7 +82,7 @@ async fn jobs_count(db: &TestDb) -> i64 {
 }
 
 async fn outcome_of(pool: &PgPool, id: i64) -> (Option<String>, Option<String>) {
-    sqlx::query_as("SELECT outcome, outcome_reason FROM notify.events WHERE id = $1")
+    sqlx::query_as("SELECT outcome, outcome_reason FROM notify.event_outcomes WHERE event_id = $1")
         .bind(id)
         .fetch_one(pool)
         .await

@@ -72,11 +72,14 @@ fn named_statements() -> BTreeMap<String, String> {
 }
 
 async fn outcome_by_body(db: &TestDb, body: &str) -> Option<String> {
-    sqlx::query_scalar("SELECT outcome FROM notify.events WHERE body = $1")
-        .bind(body)
-        .fetch_one(&db.pool)
-        .await
-        .unwrap_or_else(|e| panic!("event {body:?}: {e}"))
+    sqlx::query_scalar(
+        "SELECT o.outcome FROM notify.event_outcomes AS o
+         JOIN notify.events AS e ON e.id = o.event_id WHERE e.body = $1",
+    )
+    .bind(body)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap_or_else(|e| panic!("event {body:?}: {e}"))
 }
 
 #[tokio::test]

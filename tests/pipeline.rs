@@ -70,8 +70,9 @@ async fn the_store_step_never_decides_an_event_twice() {
     .unwrap();
     assert!(again.is_empty(), "decided twice: {again:?}");
     let rows: Vec<(String, String)> = sqlx::query_as(
-        "SELECT e.outcome, COALESCE(n.body, '') FROM notify.events AS e
-         LEFT JOIN notify.notifications AS n ON n.event_id = e.id ORDER BY e.id",
+        "SELECT o.outcome, COALESCE(n.body, '') FROM notify.event_outcomes AS o
+         LEFT JOIN notify.notifications AS n ON n.id = o.notification_id
+         ORDER BY o.event_id",
     )
     .fetch_all(&db.pool)
     .await
@@ -159,4 +160,124 @@ async fn a_longer_window_still_counts_earlier_deliveries() {
     .await
     .unwrap();
     assert_eq!(outcomes(&d), ["stored"]);
+}
+
+/// A stored event's record is its notification: the worker writes nothing on the event
+/// row, and `notify.event_outcomes` reads the outcome, the time and the id from the
+/// notification.
+#[tokio::test]
+async fn a_stored_event_is_recorded_by_its_notification() {
+    let db = TestDb::new().await;
+    let id = db.enqueue("42", "new_message", "Hello").await;
+    let out = process(&db.pipeline(), &[id]).await;
+    let Outcome::Stored {
+        notification_id: Some(notification),
+    } = out[0]
+    else {
+        panic!("not stored: {out:?}");
+    };
+    let row: (Option<String>, Option<chrono::DateTime<chrono::Utc>>) =
+        sqlx::query_as("SELECT outcome, processed_at FROM notify.events WHERE id = $1")
+            .bind(id)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(row, (None, None), "the event row was written");
+    let view: (Option<String>, bool, Option<i64>) = sqlx::query_as(
+        "SELECT o.outcome, o.processed_at = n.created_at, o.notification_id
+         FROM notify.event_outcomes AS o JOIN notify.notifications AS n ON n.event_id = o.event_id
+         WHERE o.event_id = $1",
+    )
+    .bind(id)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(view, (Some("stored".into()), true, Some(notification)));
+}
+
+/// A second run of a stored event, in a batch with new events of the same user, takes no
+/// place in the user's rate limit: with a limit of 2, one earlier delivery and the
+/// duplicate first in event order, the next event is still stored.
+#[tokio::test]
+async fn a_second_run_of_a_stored_event_takes_no_place_in_the_limit() {
+    use notifyd::store::{Prepared, RateLimit, apply_batch};
+
+    let db = TestDb::new().await;
+    let first = db.enqueue("d", "new_message", "first").await;
+    let second = db.enqueue("d", "new_message", "second").await;
+    let third = db.enqueue("d", "new_message", "third").await;
+    let prepared = |id: i64| Prepared {
+        event_id: id,
+        user_id: "d".into(),
+        event_type: "new_message".into(),
+        body: Some(format!("body {id}")),
+        link: None,
+        invalid: None,
+    };
+    let two = RateLimit {
+        limit: 2,
+        ..RateLimit::default()
+    };
+    let a = apply_batch(&db.pool, &[prepared(first)], two, None)
+        .await
+        .unwrap();
+    assert_eq!(a[0].outcome, "stored");
+    let b = apply_batch(
+        &db.pool,
+        &[prepared(first), prepared(second), prepared(third)],
+        two,
+        None,
+    )
+    .await
+    .unwrap();
+    let decided: Vec<(i64, &str)> = b.iter().map(|d| (d.event_id, d.outcome.as_str())).collect();
+    assert_eq!(decided, [(second, "stored"), (third, "rate_limited")]);
+    assert_eq!(
+        db.count("SELECT count(*) FROM notify.notifications").await,
+        2
+    );
+}
+
+/// Deleting a notification (the backend, or retention) writes `stored` on its event row,
+/// so the event keeps its outcome and a later run of its job stores nothing again. The
+/// row then looks like one recorded by a worker of an earlier release, which the store
+/// also skips.
+#[tokio::test]
+async fn a_deleted_notification_leaves_its_event_stored() {
+    let db = TestDb::new().await;
+    let p = db.pipeline();
+    let id = db.enqueue("42", "new_message", "Hello").await;
+    process(&p, &[id]).await;
+    let created: chrono::DateTime<chrono::Utc> =
+        sqlx::query_scalar("SELECT created_at FROM notify.notifications WHERE event_id = $1")
+            .bind(id)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    sqlx::query("DELETE FROM notify.notifications WHERE event_id = $1")
+        .bind(id)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let row: (Option<String>, Option<chrono::DateTime<chrono::Utc>>) =
+        sqlx::query_as("SELECT outcome, processed_at FROM notify.events WHERE id = $1")
+            .bind(id)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(row, (Some("stored".into()), Some(created)));
+    let view: (Option<String>, Option<i64>) = sqlx::query_as(
+        "SELECT outcome, notification_id FROM notify.event_outcomes WHERE event_id = $1",
+    )
+    .bind(id)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(view, (Some("stored".into()), None));
+    assert_eq!(process(&p, &[id]).await, vec![Outcome::Duplicate]);
+    assert_eq!(
+        db.count("SELECT count(*) FROM notify.notifications").await,
+        0,
+        "stored again after its notification was deleted"
+    );
 }

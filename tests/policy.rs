@@ -59,14 +59,15 @@ fn count(outcomes: &[Outcome], label: &str) -> usize {
     outcomes.iter().filter(|o| o.label() == label).count()
 }
 
-/// Outcome recorded in `notify.events` for each id, in the order of `ids`.
+/// Each id's outcome (`notify.event_outcomes`), in the order of `ids`.
 async fn recorded(pool: &PgPool, ids: &[i64]) -> Vec<Option<String>> {
-    let rows: Vec<(i64, Option<String>)> =
-        sqlx::query_as("SELECT id, outcome FROM notify.events WHERE id = ANY($1)")
-            .bind(ids)
-            .fetch_all(pool)
-            .await
-            .unwrap();
+    let rows: Vec<(i64, Option<String>)> = sqlx::query_as(
+        "SELECT event_id, outcome FROM notify.event_outcomes WHERE event_id = ANY($1)",
+    )
+    .bind(ids)
+    .fetch_all(pool)
+    .await
+    .unwrap();
     let map: HashMap<i64, Option<String>> = rows.into_iter().collect();
     ids.iter().map(|id| map[id].clone()).collect()
 }
@@ -160,7 +161,7 @@ async fn preferences_missing_row_means_enabled_and_switches_apply_per_type() {
             .unwrap();
     assert_eq!(muted, 0);
     let (outcome_reason, processed): (Option<String>, bool) = sqlx::query_as(
-        "SELECT outcome_reason, processed_at IS NOT NULL FROM notify.events WHERE id = $1",
+        "SELECT outcome_reason, processed_at IS NOT NULL FROM notify.event_outcomes WHERE event_id = $1",
     )
     .bind(off)
     .fetch_one(&db.pool)
@@ -481,7 +482,7 @@ async fn racing_pipelines_never_store_more_than_the_limit() {
         TASKS * PER_TASK - LIMIT as usize
     );
     assert_eq!(
-        db.count("SELECT count(*) FROM notify.events WHERE outcome IS NULL")
+        db.count("SELECT count(*) FROM notify.event_outcomes WHERE outcome IS NULL")
             .await,
         0,
         "every event has an outcome"
@@ -565,8 +566,10 @@ async fn the_same_events_processed_concurrently_are_stored_once() {
         0
     );
     assert_eq!(
-        db.count("SELECT count(*) FROM notify.events WHERE outcome IS DISTINCT FROM 'stored'")
-            .await,
+        db.count(
+            "SELECT count(*) FROM notify.event_outcomes WHERE outcome IS DISTINCT FROM 'stored'"
+        )
+        .await,
         0
     );
 }

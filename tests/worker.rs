@@ -182,7 +182,7 @@ async fn poison_rows_are_killed_with_a_reason_and_do_not_block_the_queue(mode: C
         "every good event behind the poison rows was stored"
     );
     assert_eq!(
-        db.count("SELECT count(*) FROM notify.events WHERE outcome = 'stored'")
+        db.count("SELECT count(*) FROM notify.event_outcomes WHERE outcome = 'stored'")
             .await,
         50
     );
@@ -216,7 +216,7 @@ async fn poison_rows_are_killed_with_a_reason_and_do_not_block_the_queue(mode: C
     let more = db.enqueue("u1", "system_alert", "After the poison").await;
     db.wait_until_drained(Duration::from_secs(30)).await;
     let outcome: Option<String> =
-        sqlx::query_scalar("SELECT outcome FROM notify.events WHERE id = $1")
+        sqlx::query_scalar("SELECT outcome FROM notify.event_outcomes WHERE event_id = $1")
             .bind(more)
             .fetch_one(&db.pool)
             .await
@@ -273,13 +273,13 @@ async fn two_workers_drain_2000_events_with_an_exact_rate_limit(mode: ClaimMode)
         "no event stored twice"
     );
     assert_eq!(
-        db.count("SELECT count(*) FROM notify.events WHERE outcome IS NULL")
+        db.count("SELECT count(*) FROM notify.event_outcomes WHERE outcome IS NULL")
             .await,
         0,
         "every event has an outcome"
     );
     assert_eq!(
-        db.count("SELECT count(*) FROM notify.events WHERE outcome = 'rate_limited'")
+        db.count("SELECT count(*) FROM notify.event_outcomes WHERE outcome = 'rate_limited'")
             .await,
         USERS * (PER_USER - i64::from(LIMIT))
     );

@@ -347,12 +347,13 @@ async fn hostile_bodies_are_stored_inert_or_refused() {
                 .fetch_optional(&db.pool)
                 .await
                 .unwrap();
-        let (recorded, reason): (Option<String>, Option<String>) =
-            sqlx::query_as("SELECT outcome, outcome_reason FROM notify.events WHERE id = $1")
-                .bind(id)
-                .fetch_one(&db.pool)
-                .await
-                .unwrap();
+        let (recorded, reason): (Option<String>, Option<String>) = sqlx::query_as(
+            "SELECT outcome, outcome_reason FROM notify.event_outcomes WHERE event_id = $1",
+        )
+        .bind(id)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
         let mut fail = |what: String| failures.push(format!("#{i} {raw:?}: {what}"));
 
         if let Some(body) = &stored {

@@ -367,7 +367,7 @@ pub async fn scalar(pool: &PgPool, sql: &'static str) -> i64 {
 pub async fn done_events(pool: &PgPool) -> i64 {
     scalar(
         pool,
-        "SELECT count(*) FROM notify.events WHERE outcome IS NOT NULL",
+        "SELECT count(*) FROM notify.event_outcomes WHERE outcome IS NOT NULL",
     )
     .await
 }
@@ -477,7 +477,7 @@ pub async fn delivery(pool: &PgPool) -> Delivery {
         "SELECT count(*), count(*) FILTER (WHERE outcome IS NULL),
                 count(*) FILTER (WHERE outcome = 'stored'),
                 count(*) FILTER (WHERE outcome = 'rate_limited')
-         FROM notify.events",
+         FROM notify.event_outcomes",
     )
     .fetch_one(pool)
     .await
@@ -490,9 +490,13 @@ pub async fn delivery(pool: &PgPool) -> Delivery {
         notifications: scalar(pool, "SELECT count(*) FROM notify.notifications").await,
         mismatched: scalar(
             pool,
+            // A notification without its event, a suppressed event with a notification,
+            // or `stored` written on an event row whose notification is missing.
             "SELECT count(*) FROM notify.events AS e
              FULL JOIN notify.notifications AS n ON n.event_id = e.id
-             WHERE (e.outcome = 'stored') IS DISTINCT FROM (n.id IS NOT NULL)",
+             WHERE e.id IS NULL
+                OR (n.id IS NOT NULL AND e.outcome <> 'stored')
+                OR (n.id IS NULL AND e.outcome = 'stored')",
         )
         .await,
         duplicate_bodies: scalar(
