@@ -92,7 +92,7 @@ for pid in $(pgrep -f "postgres: .*$SCRATCH" || true); do
 done
 if [[ -n "$PERF_PID" ]]; then kill -INT "$PERF_PID" 2>/dev/null; wait "$PERF_PID" 2>/dev/null || true; fi
 RATE=$("$PSQL" -X -t -A -d "$URL" -c \
-    "SELECT round(count(*) / extract(epoch FROM max(processed_at) - min(processed_at))) FROM notify.events")
+    "SELECT round(count(*) / extract(epoch FROM max(processed_at) - min(processed_at))) FROM notify.event_outcomes")
 
 python3 - "$WORK/worker.log" "$EVENTS" "$RATE" "$WORKER_CPU" "$PG_CPU" <<'PY'
 import json, sys
