@@ -206,8 +206,8 @@ psql_db -P pager=off -c "SELECT id, event_type, body, link, created_at, read_at
 echo "The last event was enqueued as '<script>alert(1)</script>Hello <b>Alice</b>':"
 echo "it is stored as plain text, markup removed."
 if ((stored < want)); then
-    psql_db -P pager=off -c "SELECT id AS event_id, event_type, outcome, outcome_reason
-      FROM notify.events WHERE id IN ($ids) ORDER BY id" 2>/dev/null || true
+    psql_db -P pager=off -c "SELECT event_id, event_type, outcome, outcome_reason
+      FROM notify.event_outcomes WHERE event_id IN ($ids) ORDER BY event_id" 2>/dev/null || true
     if ((processed >= want)); then
         warn "only $stored of $want demo events became notifications (see the outcomes above:"
         warn "user 42 may have switched a type off, or hit the hourly rate limit)"

@@ -13,8 +13,7 @@
 //! the effect is exactly-once (one notification per event, enforced by a unique key, and
 //! every outcome decided once under the user's lock: a stored event's record is its
 //! notification, the others are written on the event row), and the per-user rate limit is
-//! exact across
-//! any number of worker replicas.
+//! exact across any number of worker replicas.
 
 pub mod config;
 pub mod db;

@@ -98,8 +98,8 @@ async fn rate_windows_rows_that_cannot_count_are_deleted() {
 }
 
 /// Retention: events processed before the window go, whether their record is an outcome
-/// on the row (suppressed) or a notification (stored), and so do old notifications; an
-/// event never processed stays twice as long; recent ones stay.
+/// on the row (suppressed) or a notification (stored, even one that is itself recent), and
+/// so do old notifications; an event never processed stays twice as long; recent ones stay.
 #[tokio::test]
 async fn retention_deletes_processed_events_and_old_notifications() {
     let db = TestDb::new().await;
@@ -110,9 +110,12 @@ async fn retention_deletes_processed_events_and_old_notifications() {
         .enqueue("r", "new_message", "never processed, long ago")
         .await;
     let fresh = db.enqueue("r", "new_message", "stored today").await;
-    process(&db.pipeline(), &[stored, invalid, fresh]).await;
+    // Enqueued long ago, delivered recently (a delay, or a long outage): the event goes
+    // with the retention window, its notification stays for its own.
+    let delayed = db.enqueue("r", "new_message", "delivered late").await;
+    process(&db.pipeline(), &[stored, invalid, fresh, delayed]).await;
     for (ids, age) in [
-        (vec![stored, invalid, pending], "8 days"),
+        (vec![stored, invalid, pending, delayed], "8 days"),
         (vec![ancient], "15 days"),
     ] {
         sqlx::query(
@@ -135,15 +138,17 @@ async fn retention_deletes_processed_events_and_old_notifications() {
     let report = notifyd::cleanup::run_once(&db.pool, notifyd::cleanup::Retention::default())
         .await
         .unwrap();
-    assert_eq!((report.events, report.notifications), (3, 1), "{report:?}");
+    assert_eq!((report.events, report.notifications), (4, 1), "{report:?}");
     let left: Vec<(i64, Option<String>)> =
         sqlx::query_as("SELECT event_id, outcome FROM notify.event_outcomes ORDER BY event_id")
             .fetch_all(&db.pool)
             .await
             .unwrap();
     assert_eq!(left, vec![(pending, None), (fresh, Some("stored".into()))]);
-    assert_eq!(
-        db.count("SELECT count(*) FROM notify.notifications").await,
-        1
-    );
+    let kept: Vec<i64> =
+        sqlx::query_scalar("SELECT event_id FROM notify.notifications ORDER BY event_id")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(kept, vec![fresh, delayed]);
 }

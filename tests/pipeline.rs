@@ -32,7 +32,7 @@ async fn stores_one_notification_per_event_even_when_run_twice() {
 
 /// The store step itself refuses to decide an event twice, even when the caller loaded the
 /// event before another run recorded its outcome (two replicas running the same job: both
-/// read `outcome IS NULL`, one waits for the other's per-user lock). Simulated here by
+/// loaded it undecided, one waits for the other's per-user lock). Simulated here by
 /// handing the store the same prepared event again.
 #[tokio::test]
 async fn the_store_step_never_decides_an_event_twice() {
@@ -184,9 +184,8 @@ async fn a_stored_event_is_recorded_by_its_notification() {
             .unwrap();
     assert_eq!(row, (None, None), "the event row was written");
     let view: (Option<String>, bool, Option<i64>) = sqlx::query_as(
-        "SELECT o.outcome, o.processed_at = n.created_at, o.notification_id
-         FROM notify.event_outcomes AS o JOIN notify.notifications AS n ON n.event_id = o.event_id
-         WHERE o.event_id = $1",
+        "SELECT outcome, processed_at IS NOT NULL, notification_id
+         FROM notify.event_outcomes WHERE event_id = $1",
     )
     .bind(id)
     .fetch_one(&db.pool)
@@ -238,46 +237,85 @@ async fn a_second_run_of_a_stored_event_takes_no_place_in_the_limit() {
     );
 }
 
-/// Deleting a notification (the backend, or retention) writes `stored` on its event row,
-/// so the event keeps its outcome and a later run of its job stores nothing again. The
-/// row then looks like one recorded by a worker of an earlier release, which the store
-/// also skips.
+/// Deleting notifications (the backend, or retention) writes `stored` on their event rows,
+/// in one statement for several users, so the events keep their outcome and a later run of
+/// their jobs stores nothing again. The rows then look like ones recorded by a worker of an
+/// earlier release, which the store also skips.
 #[tokio::test]
-async fn a_deleted_notification_leaves_its_event_stored() {
+async fn deleted_notifications_leave_their_events_stored() {
     let db = TestDb::new().await;
     let p = db.pipeline();
-    let id = db.enqueue("42", "new_message", "Hello").await;
-    process(&p, &[id]).await;
-    let created: chrono::DateTime<chrono::Utc> =
-        sqlx::query_scalar("SELECT created_at FROM notify.notifications WHERE event_id = $1")
-            .bind(id)
-            .fetch_one(&db.pool)
-            .await
-            .unwrap();
-    sqlx::query("DELETE FROM notify.notifications WHERE event_id = $1")
-        .bind(id)
+    let a = db.enqueue("42", "new_message", "Hello").await;
+    let b = db.enqueue("43", "status_change", "Shipped").await;
+    let kept = db.enqueue("43", "new_message", "Still here").await;
+    process(&p, &[a, b, kept]).await;
+    let created: Vec<chrono::DateTime<chrono::Utc>> = sqlx::query_scalar(
+        "SELECT created_at FROM notify.notifications WHERE event_id = ANY($1) ORDER BY event_id",
+    )
+    .bind([a, b])
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    sqlx::query("DELETE FROM notify.notifications WHERE event_id = ANY($1)")
+        .bind([a, b])
         .execute(&db.pool)
         .await
         .unwrap();
-    let row: (Option<String>, Option<chrono::DateTime<chrono::Utc>>) =
-        sqlx::query_as("SELECT outcome, processed_at FROM notify.events WHERE id = $1")
-            .bind(id)
-            .fetch_one(&db.pool)
+    let rows: Vec<(i64, Option<String>, Option<chrono::DateTime<chrono::Utc>>)> =
+        sqlx::query_as("SELECT id, outcome, processed_at FROM notify.events ORDER BY id")
+            .fetch_all(&db.pool)
             .await
             .unwrap();
-    assert_eq!(row, (Some("stored".into()), Some(created)));
-    let view: (Option<String>, Option<i64>) = sqlx::query_as(
-        "SELECT outcome, notification_id FROM notify.event_outcomes WHERE event_id = $1",
+    assert_eq!(
+        rows,
+        vec![
+            (a, Some("stored".into()), Some(created[0])),
+            (b, Some("stored".into()), Some(created[1])),
+            (kept, None, None),
+        ]
+    );
+    let view: Vec<(i64, Option<String>, Option<i64>)> = sqlx::query_as(
+        "SELECT event_id, outcome, notification_id FROM notify.event_outcomes ORDER BY event_id",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(view[0], (a, Some("stored".into()), None));
+    assert_eq!(view[1], (b, Some("stored".into()), None));
+    assert!(view[2].2.is_some(), "{view:?}");
+    assert_eq!(
+        process(&p, &[a, b]).await,
+        vec![Outcome::Duplicate, Outcome::Duplicate]
+    );
+    assert_eq!(
+        db.count("SELECT count(*) FROM notify.notifications").await,
+        1,
+        "stored again after its notification was deleted"
+    );
+}
+
+/// A worker of the previous release, running again an event this release stored, writes
+/// the outcome it decided on the row (it does not see the notification): the view still
+/// says `stored`, because a notification is the record of a delivery.
+#[tokio::test]
+async fn a_notification_outweighs_the_outcome_on_its_event_row() {
+    let db = TestDb::new().await;
+    let id = db.enqueue("42", "new_message", "Hello").await;
+    process(&db.pipeline(), &[id]).await;
+    sqlx::query(
+        "UPDATE notify.events SET outcome = 'rate_limited', processed_at = now() WHERE id = $1",
+    )
+    .bind(id)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let view: (Option<String>, Option<String>, bool) = sqlx::query_as(
+        "SELECT outcome, outcome_reason, notification_id IS NOT NULL
+         FROM notify.event_outcomes WHERE event_id = $1",
     )
     .bind(id)
     .fetch_one(&db.pool)
     .await
     .unwrap();
-    assert_eq!(view, (Some("stored".into()), None));
-    assert_eq!(process(&p, &[id]).await, vec![Outcome::Duplicate]);
-    assert_eq!(
-        db.count("SELECT count(*) FROM notify.notifications").await,
-        0,
-        "stored again after its notification was deleted"
-    );
+    assert_eq!(view, (Some("stored".into()), None, true));
 }

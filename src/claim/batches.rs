@@ -24,8 +24,8 @@
 //! * **process**: [`Batcher::process_in`] loads, sanitizes and stores the batch in that
 //!   transaction (per-user locks, exact rate limit, one notification per event);
 //! * **settle**: the store statement itself deletes the jobs that got an outcome (the
-//!   outcome lives on `notify.events`; one round trip less per batch, which on a saturated
-//!   2-core machine is worth a scheduling wait), and [`settle`] marks bad ones `Killed`
+//!   outcome is the notification or the `notify.events` row; one round trip less per
+//!   batch, which on a saturated 2-core machine is worth a scheduling wait), and [`settle`] marks bad ones `Killed`
 //!   with the reason; then the transaction commits.
 //!
 //! Invariant: a claimed job's effect (notification, outcome, queue row) commits exactly
@@ -219,7 +219,7 @@ pub async fn register(pool: &PgPool, worker: &str) -> Result<(), sqlx::Error> {
 /// Settle the jobs of a processed batch that got no outcome, inside its claim
 /// transaction (the caller commits): they become `Killed` with the reason, `attempts + 1`
 /// and `lock_by` = this worker, as apalis would write them. The jobs that got an outcome
-/// were deleted by the store statement already (their outcome is on `notify.events`).
+/// were deleted by the store statement already (their outcome is in `notify.event_outcomes`).
 /// Returns the rows marked.
 pub async fn settle(
     tx: &mut sqlx::PgConnection,

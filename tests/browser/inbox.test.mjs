@@ -99,9 +99,9 @@ async function outcomes(eventIds, limitMs) {
   const deadline = Date.now() + limitMs;
   for (;;) {
     const r = await db.query(
-      `SELECT e.id AS event_id, e.outcome, e.outcome_reason, n.id AS nid, n.body, n.link
-         FROM notify.events e LEFT JOIN notify.notifications n ON n.event_id = e.id
-        WHERE e.id = ANY($1::int8[])`,
+      `SELECT o.event_id, o.outcome, o.outcome_reason, n.id AS nid, n.body, n.link
+         FROM notify.event_outcomes o LEFT JOIN notify.notifications n ON n.id = o.notification_id
+        WHERE o.event_id = ANY($1::int8[])`,
       [eventIds],
     );
     if (r.rows.length === eventIds.length && r.rows.every((x) => x.outcome !== null)) {

@@ -491,7 +491,8 @@ pub async fn delivery(pool: &PgPool) -> Delivery {
         mismatched: scalar(
             pool,
             // A notification without its event, a suppressed event with a notification,
-            // or `stored` written on an event row whose notification is missing.
+            // or `stored` written on an event row whose notification is missing (only a
+            // deleted notification leaves that, and these tests delete none).
             "SELECT count(*) FROM notify.events AS e
              FULL JOIN notify.notifications AS n ON n.event_id = e.id
              WHERE e.id IS NULL
