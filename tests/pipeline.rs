@@ -4,6 +4,19 @@ mod common;
 
 use common::{TestDb, process};
 use notifyd::pipeline::Outcome;
+use notifyd::store::Prepared;
+
+/// A valid `new_message` event of `user`, ready for the store step.
+fn valid(user: &str, id: i64, body: &str) -> Prepared {
+    Prepared {
+        event_id: id,
+        user_id: user.into(),
+        event_type: "new_message".into(),
+        body: Some(body.into()),
+        link: None,
+        invalid: None,
+    }
+}
 
 #[tokio::test]
 async fn stores_one_notification_per_event_even_when_run_twice() {
@@ -36,19 +49,12 @@ async fn stores_one_notification_per_event_even_when_run_twice() {
 /// handing the store the same prepared event again.
 #[tokio::test]
 async fn the_store_step_never_decides_an_event_twice() {
-    use notifyd::store::{Prepared, RateLimit, apply_batch};
+    use notifyd::store::{RateLimit, apply_batch};
 
     let db = TestDb::new().await;
     let stored = db.enqueue("42", "new_message", "first run").await;
     let limited = db.enqueue("42", "new_message", "limited").await;
-    let prepared = |id: i64| Prepared {
-        event_id: id,
-        user_id: "42".into(),
-        event_type: "new_message".into(),
-        body: Some("stale copy".into()),
-        link: None,
-        invalid: None,
-    };
+    let prepared = |id: i64| valid("42", id, "stale copy");
     let one = RateLimit {
         limit: 1,
         ..RateLimit::default()
@@ -92,7 +98,7 @@ async fn the_store_step_never_decides_an_event_twice() {
 #[tokio::test]
 async fn a_longer_window_still_counts_earlier_deliveries() {
     use chrono::{Duration as Days, Utc};
-    use notifyd::store::{Prepared, RateLimit, apply_batch};
+    use notifyd::store::{RateLimit, apply_batch};
     use std::time::Duration;
 
     let db = TestDb::new().await;
@@ -100,14 +106,7 @@ async fn a_longer_window_still_counts_earlier_deliveries() {
     for i in 0..6 {
         ids.push(db.enqueue("w", "new_message", &format!("event {i}")).await);
     }
-    let prepared = |id: i64| Prepared {
-        event_id: id,
-        user_id: "w".into(),
-        event_type: "new_message".into(),
-        body: Some(format!("body {id}")),
-        link: None,
-        invalid: None,
-    };
+    let prepared = |id: i64| valid("w", id, &format!("body {id}"));
     let t0 = Utc::now() - Days::hours(5);
     let hour = RateLimit {
         limit: 3,
@@ -199,20 +198,13 @@ async fn a_stored_event_is_recorded_by_its_notification() {
 /// duplicate first in event order, the next event is still stored.
 #[tokio::test]
 async fn a_second_run_of_a_stored_event_takes_no_place_in_the_limit() {
-    use notifyd::store::{Prepared, RateLimit, apply_batch};
+    use notifyd::store::{RateLimit, apply_batch};
 
     let db = TestDb::new().await;
     let first = db.enqueue("d", "new_message", "first").await;
     let second = db.enqueue("d", "new_message", "second").await;
     let third = db.enqueue("d", "new_message", "third").await;
-    let prepared = |id: i64| Prepared {
-        event_id: id,
-        user_id: "d".into(),
-        event_type: "new_message".into(),
-        body: Some(format!("body {id}")),
-        link: None,
-        invalid: None,
-    };
+    let prepared = |id: i64| valid("d", id, &format!("body {id}"));
     let two = RateLimit {
         limit: 2,
         ..RateLimit::default()
