@@ -27,19 +27,18 @@ struct Worker {
 
 impl Worker {
     async fn start(db: &TestDb, name: &str, rate: RateLimit, mode: ClaimMode) -> Self {
-        Self::start_with(db, name, rate, mode, 50, 100, 2).await
+        Self::start_with(db, name, rate, mode, (50, 100, 2), Duration::from_secs(1)).await
     }
 
-    /// `fetch_batch` jobs per claim, `max_batch` jobs per store transaction, `flushers`
-    /// store transactions at once.
+    /// `(fetch_batch, max_batch, flushers)`: jobs per claim, jobs per store transaction,
+    /// store transactions at once; `heartbeat`: the worker's heartbeat interval.
     async fn start_with(
         db: &TestDb,
         name: &str,
         rate: RateLimit,
         mode: ClaimMode,
-        fetch_batch: usize,
-        max_batch: usize,
-        flushers: usize,
+        (fetch_batch, max_batch, flushers): (usize, usize, usize),
+        heartbeat: Duration,
     ) -> Self {
         let pool = PgPoolOptions::new()
             .max_connections(flushers as u32 + 6)
@@ -62,7 +61,7 @@ impl Worker {
             },
             fetch_batch,
             poll_interval: Duration::from_millis(10),
-            heartbeat: Duration::from_secs(1),
+            heartbeat,
             missed_heartbeats: 5,
             name: name.to_owned(),
         };
@@ -243,8 +242,9 @@ async fn two_workers_drain_2000_events_with_an_exact_rate_limit(mode: ClaimMode)
     // Both idle and polling before the events arrive, so they race for them. Small claims
     // and small store transactions, several at once per replica, so that many transactions
     // hold events of the same user at the moment that user reaches the limit.
-    let a = Worker::start_with(&db, "replica-a", rate, mode, 20, 10, 4).await;
-    let b = Worker::start_with(&db, "replica-b", rate, mode, 20, 10, 4).await;
+    let second = Duration::from_secs(1);
+    let a = Worker::start_with(&db, "replica-a", rate, mode, (20, 10, 4), second).await;
+    let b = Worker::start_with(&db, "replica-b", rate, mode, (20, 10, 4), second).await;
     wait_registered(&db, "replica-a").await;
     wait_registered(&db, "replica-b").await;
 
@@ -317,6 +317,43 @@ async fn two_workers_drain_2000_events_with_an_exact_rate_limit(mode: ClaimMode)
     assert_eq!(by_a + by_b, (USERS * PER_USER) as u64);
     a.shutdown().await;
     b.shutdown().await;
+}
+
+both_modes!(an_idle_worker_picks_up_a_lone_event_long_before_its_heartbeat);
+/// Workers find new jobs by polling (enqueuing sends no NOTIFY), so an idle worker must keep
+/// polling after its polls found the queue empty: apalis's own interval poll lost its timer
+/// then, and a lone event waited for the next heartbeat. With a 60 s heartbeat, three lone
+/// events, each after an idle second, must each be stored within 10 s.
+async fn an_idle_worker_picks_up_a_lone_event_long_before_its_heartbeat(mode: ClaimMode) {
+    let db = TestDb::new().await;
+    let layout = (50, 100, 2);
+    let minute = Duration::from_secs(60);
+    let worker = Worker::start_with(&db, "idle", RateLimit::default(), mode, layout, minute).await;
+    wait_registered(&db, "idle").await;
+    for i in 0..3 {
+        // Idle on purpose: the worker's polls meet an empty queue.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let id = db.enqueue("42", "new_message", &format!("lone {i}")).await;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let stored: bool = sqlx::query_scalar(
+                "SELECT EXISTS (SELECT 1 FROM notify.notifications WHERE event_id = $1)",
+            )
+            .bind(id)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+            if stored {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "lone event {i} was not stored within 10 s by an idle worker"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    worker.shutdown().await;
 }
 
 both_modes!(a_delayed_event_is_stored_only_after_its_time);
