@@ -5,10 +5,9 @@
 -- Why: the event row is the widest row the worker touches (the body and link as the
 -- backend wrote them), and recording `stored` on it was one more row version, WAL record
 -- and index check per delivered event, in the statement that takes three quarters of a
--- batch's time. The
--- notification row the same statement inserts already says "stored", exactly once per
--- event (`notifications_one_per_event`). Measured in BENCHMARKS.md ("The outcome of a stored
--- event").
+-- batch's time. The notification row the same statement inserts already says "stored",
+-- exactly once per event (`notifications_one_per_event`). Measured in BENCHMARKS.md ("The
+-- outcome of a stored event").
 --
 -- Readers: `notify.event_outcomes` gives every event's outcome, `stored` included, and
 -- its notification's id. `notify.events.outcome` is NULL for a stored event from this

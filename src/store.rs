@@ -278,12 +278,9 @@ recorded AS (
         processed_at = clock.now
     FROM judged AS j, clock
     WHERE e.id = j.event_id AND j.outcome NOT IN ('stored', 'duplicate')
-    RETURNING 1
 )
 SELECT event_id, user_id, outcome, NULL::bigint AS notification_id FROM judged
 WHERE outcome <> 'duplicate'
-UNION ALL
-SELECT -1, NULL, NULL, count(*) FROM recorded
 UNION ALL
 SELECT event_id, NULL, NULL, id FROM inserted
 UNION ALL

@@ -25,8 +25,8 @@
 //!   transaction (per-user locks, exact rate limit, one notification per event);
 //! * **settle**: the store statement itself deletes the jobs that got an outcome (the
 //!   outcome is the notification or the `notify.events` row; one round trip less per
-//!   batch, which on a saturated 2-core machine is worth a scheduling wait), and [`settle`] marks bad ones `Killed`
-//!   with the reason; then the transaction commits.
+//!   batch, which on a saturated 2-core machine is worth a scheduling wait), and
+//!   [`settle`] marks bad ones `Killed` with the reason; then the transaction commits.
 //!
 //! Invariant: a claimed job's effect (notification, outcome, queue row) commits exactly
 //! once, all together, or not at all. If the worker stops, crashes, loses its connection or
