@@ -11,7 +11,7 @@
 #   scripts/profile-drain.sh
 #
 # Env: DATABASE_URL (else scripts/postgres.sh), PROFILE_EVENTS (100000), PROFILE_USERS
-#      (20000), PROFILE_CLAIM_MODE (batch), PROFILE_FLUSHERS (4), PROFILE_FETCH_BATCH (1000),
+#      (20000), PROFILE_FLUSHERS (4), PROFILE_FETCH_BATCH (1000),
 #      PROFILE_PERF (0), BENCH_NO_BUILD=1 (use the existing target/release/notifyd).
 set -euo pipefail
 # shellcheck source=scripts/lib.sh
@@ -20,7 +20,6 @@ cd "$NOTIFYD_REPO"
 
 EVENTS="${PROFILE_EVENTS:-100000}"
 USERS="${PROFILE_USERS:-20000}"
-MODE="${PROFILE_CLAIM_MODE:-batch}"
 FLUSHERS="${PROFILE_FLUSHERS:-4}"
 FETCH="${PROFILE_FETCH_BATCH:-1000}"
 SCRATCH="notifyd_profile_$$"
@@ -62,8 +61,8 @@ FROM generate_series(1, $EVENTS) AS g;
 VACUUM ANALYZE;
 SQL
 
-step "Drain with one worker ($MODE mode, $FLUSHERS in flight, fetch batch $FETCH)"
-DATABASE_URL="$URL" NOTIFYD_RATE_LIMIT=1000000 NOTIFYD_CLAIM_MODE="$MODE" \
+step "Drain with one worker ($FLUSHERS in flight, fetch batch $FETCH)"
+DATABASE_URL="$URL" NOTIFYD_RATE_LIMIT=1000000 \
     NOTIFYD_STORE_FLUSHERS="$FLUSHERS" NOTIFYD_FETCH_BATCH="$FETCH" NOTIFYD_LOG_FORMAT=json \
     RUST_LOG="warn,notifyd::claim=debug,notifyd::pipeline=debug" \
     "$BIN" worker >"$WORK/worker.log" 2>&1 </dev/null &

@@ -8,8 +8,9 @@
 //! which makes every bounded delete cost O(table).
 //!
 //! What goes, and when:
-//! * queue rows of finished jobs (`Done`): at every pass, so `apalis.jobs` holds only live
-//!   work and its dead tuples stay bounded;
+//! * queue rows of finished jobs (`Done`): the worker deletes a job with its outcome and
+//!   never writes `Done`, but older releases' per-job workers did, so a pass removes any
+//!   left;
 //! * queue rows of failed jobs (`Killed`, or `Failed` with attempts exhausted): after the
 //!   retention window, so operators can inspect them until then;
 //! * processed events (an outcome on the row, or a notification), then notifications,
@@ -26,7 +27,7 @@ use std::time::Duration;
 use sqlx::PgPool;
 use sqlx::postgres::types::PgInterval;
 
-use crate::claim::QUEUE;
+use crate::contract::QUEUE;
 
 /// What a pass deletes.
 #[derive(Debug, Clone, Copy)]
@@ -65,7 +66,7 @@ fn interval(d: Duration) -> PgInterval {
     }
 }
 
-/// Delete finished queue rows only: cheap, run every few seconds.
+/// Delete finished (`Done`) queue rows, as written by older releases.
 pub async fn purge_done_jobs(pool: &PgPool, batch: i64) -> Result<u64, sqlx::Error> {
     repeat(batch, || {
         sqlx::query(
@@ -189,8 +190,8 @@ where
     }
 }
 
-/// The tables whose dead tuples the worker watches: the queue (three row versions per job:
-/// claim, ack, purge), and the tables that every event updates or inserts into.
+/// The tables whose dead tuples the worker watches: the queue (every job is inserted and
+/// deleted), and the tables that every event updates or inserts into.
 pub const VACUUMED_TABLES: [(&str, &str); 4] = [
     ("apalis", "jobs"),
     ("notify", "events"),

@@ -8,8 +8,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::batch::BatchSettings;
-use crate::claim::{ClaimMode, ClaimSettings};
+use crate::claim::ClaimSettings;
 use crate::cleanup::Retention;
 use crate::store::RateLimit;
 
@@ -70,8 +69,6 @@ pub enum Command {
     Cleanup(CleanupArgs),
     /// Print a signed JWT for a user (development and demos; needs NOTIFYD_JWT_SECRET).
     Token(crate::serve::TokenArgs),
-    /// Measure drain throughput and enqueue-to-stored latency against DATABASE_URL.
-    Bench(crate::bench::BenchArgs),
     /// Print queue depth, lag, failures, recent outcomes and worker heartbeats.
     Status(crate::ops::StatusArgs),
     /// Inspect and steer queue jobs: stats, failed, show, retry, discard, settings.
@@ -80,38 +77,16 @@ pub enum Command {
 
 #[derive(Debug, Clone, Args)]
 pub struct WorkerArgs {
-    /// What one apalis task is: `batch` (a whole claimed batch, one store transaction and
-    /// one ack per batch, the default) or `per-job` (apalis-postgres's own backend, one
-    /// task per job, regrouped by the batcher; slower, kept for comparison).
-    #[arg(long, env = "NOTIFYD_CLAIM_MODE", value_enum, default_value_t = ClaimMode::Batch)]
-    pub claim_mode: ClaimMode,
-
-    /// Per-job mode only: jobs in flight at once; they wait in the batcher for their
-    /// group commit.
-    #[arg(long, env = "NOTIFYD_CONCURRENCY", default_value_t = 3000,
-          value_parser = clap::value_parser!(u32).range(1..=100_000))]
-    pub concurrency: u32,
-
-    /// Jobs claimed per queue fetch (in batch mode: the most jobs in one batch, and so in
-    /// one store transaction).
+    /// Most jobs claimed in one batch, and so processed in one transaction.
     #[arg(long, env = "NOTIFYD_FETCH_BATCH", default_value_t = 1000,
           value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub fetch_batch: u32,
 
-    /// Most events stored in one transaction.
-    #[arg(long, env = "NOTIFYD_STORE_BATCH", default_value_t = 1000,
-          value_parser = clap::value_parser!(u32).range(1..=10_000))]
-    pub store_batch: u32,
-
-    /// Store transactions running at once (in batch mode: batches in flight).
+    /// Batches in flight at once (each claimed, processed and committed in its own
+    /// transaction, on its own connection).
     #[arg(long, env = "NOTIFYD_STORE_FLUSHERS", default_value_t = 4,
           value_parser = clap::value_parser!(u32).range(1..=64))]
     pub store_flushers: u32,
-
-    /// Milliseconds a batch waits for more jobs after its first one arrived.
-    #[arg(long, env = "NOTIFYD_BATCH_LINGER_MS", default_value_t = 2,
-          value_parser = clap::value_parser!(u64).range(0..=1000))]
-    pub batch_linger_ms: u64,
 
     /// Milliseconds between looks at the queue while nothing is claimable (new and delayed
     /// events are found this way: enqueuing sends no NOTIFY).
@@ -135,13 +110,14 @@ pub struct WorkerArgs {
     #[command(flatten)]
     pub retention: RetentionArgs,
 
-    /// Seconds between cleanup passes in the worker (0 turns the loop off).
+    /// Seconds between the worker's cleanup ticks: a retention pass every 60 ticks, the
+    /// dead-tuple check every 6 (0 turns the loop off).
     #[arg(long, env = "NOTIFYD_CLEANUP_INTERVAL_SECS", default_value_t = 5,
           value_parser = clap::value_parser!(u64).range(0..=86_400))]
     pub cleanup_interval_secs: u64,
 
-    /// Database connections in the worker's pool (at least `store_flushers` + 4: in batch
-    /// mode each batch in flight holds one from its claim to its commit).
+    /// Database connections in the worker's pool (at least NOTIFYD_STORE_FLUSHERS + 4:
+    /// each batch in flight holds one from its claim to its commit).
     #[arg(long, env = "NOTIFYD_DB_POOL", default_value_t = 10,
           value_parser = clap::value_parser!(u32).range(2..=500))]
     pub db_pool: u32,
@@ -158,8 +134,8 @@ pub struct WorkerArgs {
 
     /// Seconds a worker's database session may sit idle inside a transaction before the
     /// server ends it (idle_in_transaction_session_timeout; 0 turns it off). A frozen or
-    /// partitioned worker would otherwise keep its row locks (claimed jobs, users), and stall the
-    /// rescue of its jobs and other replicas' batches for the same users.
+    /// partitioned worker would otherwise keep its row locks (claimed jobs, users), and stall
+    /// its jobs and other replicas' batches for the same users.
     #[arg(long, env = "NOTIFYD_IDLE_TX_TIMEOUT_SECS", default_value_t = 5,
           value_parser = clap::value_parser!(u64).range(0..=3600))]
     pub idle_tx_timeout_secs: u64,
@@ -170,7 +146,7 @@ pub struct WorkerArgs {
     pub queue_metrics_secs: u64,
 
     #[command(flatten)]
-    pub metrics: crate::metrics::MetricsArgs,
+    pub metrics: crate::telemetry::series::MetricsArgs,
 }
 
 impl WorkerArgs {
@@ -178,14 +154,6 @@ impl WorkerArgs {
         RateLimit {
             limit: self.rate_limit,
             window: Duration::from_secs(self.rate_window_secs),
-        }
-    }
-
-    pub fn batch(&self) -> BatchSettings {
-        BatchSettings {
-            max_batch: self.store_batch as usize,
-            linger: Duration::from_millis(self.batch_linger_ms),
-            flushers: self.store_flushers as usize,
         }
     }
 
@@ -200,11 +168,7 @@ impl WorkerArgs {
             format!("{host}-{}-{:04x}", std::process::id(), fastrand::u16(..))
         });
         ClaimSettings {
-            mode: self.claim_mode,
-            concurrency: match self.claim_mode {
-                ClaimMode::Batch => self.store_flushers as usize,
-                ClaimMode::PerJob => self.concurrency as usize,
-            },
+            concurrency: self.store_flushers as usize,
             fetch_batch: self.fetch_batch as usize,
             poll_interval: Duration::from_millis(self.poll_interval_ms),
             heartbeat: Duration::from_secs(self.liveness.heartbeat_secs),

@@ -53,7 +53,7 @@ pub async fn connect(url: &str, max: u32, app: &str) -> anyhow::Result<PgPool> {
         .context("cannot connect to the database at DATABASE_URL")
 }
 
-/// Run apalis's migrations, then ours.
+/// Run apalis's migrations, then ours, then [`reset_retired_claims`].
 pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
     apalis_postgres::PostgresStorage::setup(pool)
         .await
@@ -62,7 +62,37 @@ pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
         .run(pool)
         .await
         .context("notifyd migrations failed")?;
+    let reset = reset_retired_claims(pool)
+        .await
+        .context("cannot reset jobs left claimed by per-job workers")?;
+    if reset > 0 {
+        tracing::warn!(
+            jobs = reset,
+            "put jobs left Queued or Running by per-job workers of an older release back \
+             to Pending"
+        );
+    }
     Ok(())
+}
+
+/// Put the jobs in the retired per-job mode's states (`Queued`, `Running`) back to
+/// `Pending`; returns how many. This release claims by row locks and never writes those
+/// states, so nothing else would ever claim such a row again. Run by every `notifyd
+/// migrate` (idempotent, and a no-op once no per-job worker is left): the upgrade's release
+/// step takes back what the old workers left, and running `notifyd migrate` again after the
+/// last of them stopped takes back what they claimed meanwhile. A job that a per-job worker
+/// still runs may then run twice; the store step records one outcome per event, so the
+/// second run answers `duplicate`, and the old worker's ack (guarded by `lock_by`) matches
+/// no row.
+pub async fn reset_retired_claims(pool: &PgPool) -> Result<u64, sqlx::Error> {
+    Ok(sqlx::query(
+        "UPDATE apalis.jobs SET status = 'Pending', lock_by = NULL, lock_at = NULL
+         WHERE job_type = $1 AND status IN ('Queued', 'Running')",
+    )
+    .bind(crate::contract::QUEUE)
+    .execute(pool)
+    .await?
+    .rows_affected())
 }
 
 /// Fail with a clear message when `notifyd migrate` has not been run.
@@ -98,4 +128,26 @@ pub async fn enqueue_notify_triggers(pool: &PgPool) -> Result<Vec<String>, sqlx:
     )
     .fetch_all(pool)
     .await
+}
+
+/// Errors that are not the data's fault: lost or refused connections, and conflicts that
+/// a retry resolves. A batch that fails with one costs its jobs no attempt.
+pub fn is_transient(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+            code.starts_with("08") // connection exception
+                || code.starts_with("57P") // admin/crash shutdown, cannot connect now
+                || code.starts_with("53") // insufficient resources
+                || code == "40001" // serialization failure
+                || code == "40P01" // deadlock detected
+                || code == "55P03" // lock not available (lock_timeout)
+                || code == "25P03" // idle_in_transaction_session_timeout ended the session
+        }),
+        _ => false,
+    }
 }

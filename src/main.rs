@@ -1,7 +1,8 @@
 use clap::Parser;
 
 use notifyd::config::{Cli, Command};
-use notifyd::{bench, cleanup, db, metrics, ops, serve, shutdown, telemetry, worker};
+use notifyd::telemetry::{self, series};
+use notifyd::{cleanup, db, ops, serve, shutdown, worker};
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
@@ -26,11 +27,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Worker(args) => {
-            metrics::install();
+            series::install();
             worker::run(cli.global.database_url()?, args, shutdown::on_signal()).await
         }
         Command::Serve(args) => {
-            metrics::install();
+            series::install();
             serve::run(cli.global.database_url()?, args, shutdown::on_signal()).await
         }
         Command::Cleanup(args) => {
@@ -48,7 +49,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Token(args) => serve::print_token(args),
-        Command::Bench(args) => bench::run(cli.global.database_url()?, args).await,
         Command::Status(args) => {
             let pool = db::connect(cli.global.database_url()?, 2, "notifyd-ops").await?;
             db::check_schema(&pool).await?;

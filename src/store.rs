@@ -1,5 +1,5 @@
 //! Preferences, rate limit and store: every SQL statement of the pipeline, applied to a
-//! whole batch of events in one transaction (group commit).
+//! whole batch of events in one transaction (the claim's).
 //!
 //! The transaction does, in order:
 //! 1. lock every user of the batch: one statement that, in ascending byte order of
@@ -49,6 +49,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, PgExecutor};
 
+use crate::sanitize::{PlainText, SafeLink};
 use crate::validate::EventRow;
 
 /// The per-user limit: at most `limit` notifications in any rolling `window`.
@@ -73,11 +74,54 @@ pub struct Prepared {
     pub event_id: i64,
     pub user_id: String,
     pub event_type: String,
-    /// Sanitized body and link for a valid event; `None` when `invalid` is set.
-    pub body: Option<String>,
-    pub link: Option<String>,
-    /// Why the event is invalid, if it is.
-    pub invalid: Option<String>,
+    pub content: Content,
+}
+
+/// What a prepared event would show: only the sanitizer makes [`PlainText`] and
+/// [`SafeLink`], so the store cannot be handed unsanitized text.
+#[derive(Debug, Clone)]
+pub enum Content {
+    Valid {
+        body: PlainText,
+        link: Option<SafeLink>,
+    },
+    /// The event failed validation; the reason is recorded on its row.
+    Invalid { reason: String },
+}
+
+/// What the store statement decided for one event that was not decided before.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Stored,
+    OptedOut,
+    RateLimited,
+    Invalid,
+}
+
+impl Verdict {
+    /// The name the store statement and `notify.events.outcome` use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Stored => "stored",
+            Verdict::OptedOut => "opted_out",
+            Verdict::RateLimited => "rate_limited",
+            Verdict::Invalid => "invalid",
+        }
+    }
+
+    /// Read the store statement's answer; anything else is a decode error (the batch
+    /// rolls back and counts a failed attempt), never a silent fall-through.
+    fn parse(s: &str) -> Result<Verdict, sqlx::Error> {
+        [
+            Verdict::Stored,
+            Verdict::OptedOut,
+            Verdict::RateLimited,
+            Verdict::Invalid,
+        ]
+        .into_iter()
+        .find(|v| v.as_str() == s)
+        .ok_or_else(|| sqlx::Error::Decode(format!("the store statement answered {s:?}").into()))
+    }
 }
 
 /// What the store transaction decided for one event.
@@ -85,7 +129,7 @@ pub struct Prepared {
 pub struct Decision {
     pub event_id: i64,
     pub user_id: String,
-    pub outcome: String,
+    pub verdict: Verdict,
     pub notification_id: Option<i64>,
 }
 
@@ -113,7 +157,9 @@ pub async fn fetch_events<'e>(
 /// happened). `finished_jobs` are queue rows (`apalis.jobs.id`) to delete in the same
 /// statement: the batch claim mode's finished jobs, so that settling them costs no round
 /// trip of its own. Events already decided are not in the result (they are duplicates of an
-/// earlier run). `now` is for tests; `None` means the database clock.
+/// earlier run). `now` is for tests; `None` means the database clock. The announcement on
+/// [`crate::contract::ANNOUNCE_CHANNEL`] sizes its payloads for the worst case, counting every byte of a
+/// user id as if JSON had to escape it.
 pub async fn apply_in(
     tx: &mut PgConnection,
     batch: &[Prepared],
@@ -132,22 +178,6 @@ pub async fn apply_in(
     }
     lock_users(tx, batch.iter().map(|p| p.user_id.as_str())).await?;
     decide_and_store(tx, batch, finished_jobs, rate, now).await
-}
-
-/// [`apply_in`] in a transaction of its own.
-pub async fn apply_batch(
-    pool: &sqlx::PgPool,
-    batch: &[Prepared],
-    rate: RateLimit,
-    now: Option<DateTime<Utc>>,
-) -> Result<Vec<Decision>, sqlx::Error> {
-    if batch.is_empty() {
-        return Ok(Vec::new());
-    }
-    let mut tx = pool.begin().await?;
-    let decisions = apply_in(&mut tx, batch, &[], rate, now).await?;
-    tx.commit().await?;
-    Ok(decisions)
 }
 
 /// Take the per-user locks of a batch: see the module doc. `ON CONFLICT DO UPDATE … WHERE
@@ -171,13 +201,6 @@ async fn lock_users<'a>(
     .await?;
     Ok(())
 }
-
-/// The channel on which a committed batch announces new notifications, for the read
-/// service's in-memory watermarks. Each payload is a JSON array of `[user_id, max_id]`
-/// pairs; the store statement splits a batch's users into payloads of at most about
-/// 7,000 bytes (Postgres refuses 8,000), counting every byte of a user id as if JSON had to
-/// escape it. NOTIFY is transactional: listeners hear it only if the batch commits.
-pub const ANNOUNCE_CHANNEL: &str = "notifyd_notifications";
 
 const DECIDE_AND_STORE: &str = r#"
 WITH input AS (
@@ -308,9 +331,18 @@ async fn decide_and_store(
         ids.push(p.event_id);
         users.push(p.user_id.as_str());
         types.push(p.event_type.as_str());
-        bodies.push(p.body.as_deref());
-        links.push(p.link.as_deref());
-        invalid.push(p.invalid.as_deref());
+        match &p.content {
+            Content::Valid { body, link } => {
+                bodies.push(Some(body.as_str()));
+                links.push(link.as_ref().map(SafeLink::as_str));
+                invalid.push(None);
+            }
+            Content::Invalid { reason } => {
+                bodies.push(None);
+                links.push(None);
+                invalid.push(Some(reason.as_str()));
+            }
+        }
     }
     let window = sqlx::postgres::types::PgInterval {
         months: 0,
@@ -343,7 +375,7 @@ async fn decide_and_store(
             (Some(user_id), Some(outcome), None) => decisions.push(Decision {
                 event_id,
                 user_id,
-                outcome,
+                verdict: Verdict::parse(&outcome)?,
                 notification_id: None,
             }),
             _ => {}
@@ -358,9 +390,24 @@ async fn decide_and_store(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::contract::ANNOUNCE_CHANNEL;
 
     #[test]
     fn the_store_statement_announces_on_the_published_channel() {
         assert!(DECIDE_AND_STORE.contains(&format!("pg_notify('{ANNOUNCE_CHANNEL}'")));
+    }
+
+    #[test]
+    fn verdicts_round_trip_and_unknown_answers_are_errors() {
+        for v in [
+            Verdict::Stored,
+            Verdict::OptedOut,
+            Verdict::RateLimited,
+            Verdict::Invalid,
+        ] {
+            assert_eq!(Verdict::parse(v.as_str()).unwrap(), v);
+        }
+        assert!(Verdict::parse("duplicate").is_err());
+        assert!(Verdict::parse("").is_err());
     }
 }

@@ -4,7 +4,7 @@
 //! * the job payload in `apalis.jobs.job`, which should be `{"event_id": N}` as written by
 //!   the `notify.enqueue_events` trigger, but can be anything if someone writes the queue
 //!   table by hand. [`parse_job`] never panics; a payload it refuses marks the job failed
-//!   (apalis status `Killed`, not retried) with the reason;
+//!   (status `Killed`, not retried) with the reason;
 //! * the event row in `notify.events`, already guarded by constraints. [`validate_event`]
 //!   checks the same rules again (defence in depth) and sanitizes body and link, so the
 //!   store step only ever receives [`ValidEvent`]s.
@@ -18,11 +18,6 @@ pub const MAX_USER_ID_CHARS: usize = 128;
 
 /// Bytes of a job payload read at most; a valid payload is about 30 bytes.
 const MAX_PAYLOAD_BYTES: usize = 4096;
-
-/// A job payload as the worker receives it from apalis: raw bytes, never decoded by apalis
-/// itself, so that no payload can make apalis's worker exit with a codec error.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RawJob(pub Vec<u8>);
 
 /// Why a job payload was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -43,13 +38,14 @@ struct Payload {
     event_id: i64,
 }
 
-/// Read the event id out of a job payload.
-pub fn parse_job(job: &RawJob) -> Result<i64, BadJob> {
-    if job.0.len() > MAX_PAYLOAD_BYTES {
+/// Read the event id out of a job payload (the raw bytes of `apalis.jobs.job`: they are
+/// never decoded by apalis, so no payload can make its worker exit with a codec error).
+pub fn parse_job(job: &[u8]) -> Result<i64, BadJob> {
+    if job.len() > MAX_PAYLOAD_BYTES {
         return Err(BadJob::TooLarge);
     }
     let payload: Payload =
-        serde_json::from_slice(&job.0).map_err(|e| BadJob::Malformed(e.to_string()))?;
+        serde_json::from_slice(job).map_err(|e| BadJob::Malformed(e.to_string()))?;
     if payload.event_id <= 0 {
         return Err(BadJob::Malformed(format!(
             "event_id {} is not positive",
@@ -133,7 +129,7 @@ mod tests {
 
     #[test]
     fn parses_only_the_documented_payload() {
-        assert_eq!(parse_job(&RawJob(br#"{"event_id":7}"#.to_vec())), Ok(7));
+        assert_eq!(parse_job(br#"{"event_id":7}"#), Ok(7));
         for bad in [
             &b"\xff\xfe"[..],
             b"",
@@ -146,12 +142,12 @@ mod tests {
             br#"{"event_id":7,"x":1}"#,
         ] {
             assert!(
-                parse_job(&RawJob(bad.to_vec())).is_err(),
+                parse_job(bad).is_err(),
                 "{:?}",
                 String::from_utf8_lossy(bad)
             );
         }
-        assert_eq!(parse_job(&RawJob(vec![b' '; 5000])), Err(BadJob::TooLarge));
+        assert_eq!(parse_job(&[b' '; 5000]), Err(BadJob::TooLarge));
     }
 
     fn row(user: &str, ty: &str, body: &str, link: Option<&str>) -> EventRow {

@@ -503,7 +503,11 @@ async fn a_repeated_idempotency_key_is_a_silent_no_op() {
     let out = process(&db.pipeline(), &all).await;
     assert_eq!(out, vec![Outcome::Duplicate, Outcome::Duplicate]);
     assert_eq!(events_count(&db).await, 2);
-    assert_eq!(jobs_count(&db).await, 2);
+    assert_eq!(
+        jobs_count(&db).await,
+        0,
+        "the jobs were deleted with their outcomes, and the repeat queued none"
+    );
     assert_eq!(
         db.count("SELECT count(*) FROM notify.notifications").await,
         2
@@ -739,19 +743,23 @@ async fn a_future_run_at_is_not_claimed_before_its_time() {
         .await;
     assert_eq!(in_future, 1, "the delayed job carries the event's run_at");
 
-    // Claim the way the worker does (apalis.get_jobs, SKIP LOCKED): only the due job comes.
-    sqlx::query(
-        "INSERT INTO apalis.workers (id, worker_type, storage_name) VALUES ('probe', 'notifyd.events', 'test')",
-    )
-    .execute(&db.pool)
-    .await
-    .unwrap();
+    // Claim the way the worker does (`claim_due`: row locks, SKIP LOCKED, due jobs only):
+    // only the due job comes. Each claim is dropped unprocessed here, which rolls it back,
+    // so the jobs are deleted by hand to see what the next claim takes.
     let claim = || async {
-        let jobs: Vec<Vec<u8>> =
-            sqlx::query_scalar("SELECT job FROM apalis.get_jobs('probe', 'notifyd.events', 100)")
-                .fetch_all(&db.pool)
+        let batch = notifyd::claim::backend::claim_due(&db.pool, 100)
+            .await
+            .unwrap();
+        let jobs: Vec<Vec<u8>> = batch
+            .map(|b| b.jobs.iter().map(|j| j.job.clone()).collect())
+            .unwrap_or_default();
+        for job in &jobs {
+            sqlx::query("DELETE FROM apalis.jobs WHERE job = $1")
+                .bind(job)
+                .execute(&db.pool)
                 .await
                 .unwrap();
+        }
         jobs
     };
     assert_eq!(

@@ -3,10 +3,9 @@
 //! a private throwaway cluster), SIGTERM, poison rows, and the retry policy.
 //!
 //! Every test gets its own database (tests/common), spawns `notifyd` processes against it,
-//! and waits for conditions by polling with deadlines. Workers run in the default batch mode,
+//! and waits for conditions by polling with deadlines. Workers claim batches by row locks,
 //! where a claim is a row lock held by the batch's transaction: a dead worker's jobs come
-//! back when the server ends its sessions. Heartbeats are 1 s with 3 missed (the rescue,
-//! for per-job mode and hand-edited rows, acts after 3 s). Figures are printed with
+//! back when the server ends its sessions (no heartbeat rescue exists). Figures are printed with
 //! a `FIGURES` prefix (`cargo test --test faults -- --nocapture` shows them).
 
 mod common;
@@ -80,13 +79,10 @@ async fn kill_9_during_a_large_drain_then_restart_delivers_every_event_exactly_o
     let d = delivery(pool).await;
     assert_exactly_once(&d, N);
     assert_eq!(d.stored, N, "{d:?}");
-    // Nothing was left claimed under the dead worker's name, so nothing needed a rescue,
-    // and nothing the victim committed ran again.
-    let rescued = b.metric("notifyd_jobs_rescued_total").await;
+    // Nothing the victim committed ran again.
     let duplicates = b
         .metric("notifyd_events_total{outcome=\"duplicate\"}")
         .await;
-    assert_eq!(rescued, 0.0, "{}", b.log_tail());
     assert_eq!(duplicates, 0.0, "{}", b.log_tail());
     assert!(
         back_in < Duration::from_secs(5),
@@ -114,10 +110,7 @@ async fn two_then_three_replicas_with_one_killed_keep_the_rate_limit_exact() {
     const PER_WAVE: i64 = 10; // per user
     const WAVES: i64 = 30;
     // Small claims so that every replica holds some of each wave.
-    let env = [
-        ("NOTIFYD_FETCH_BATCH", "20".to_owned()),
-        ("NOTIFYD_STORE_BATCH", "50".to_owned()),
-    ];
+    let env = [("NOTIFYD_FETCH_BATCH", "20".to_owned())];
     let mut w1 = Proc::worker(&db.url, "rl-1", &env);
     let mut w2 = Proc::worker(&db.url, "rl-2", &env);
     wait_registered(pool, "rl-1").await;
@@ -580,7 +573,6 @@ async fn a_real_postgres_restart_under_load_loses_nothing_and_readyz_follows_it(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // The worker noticed and said so (then backs off and retries).
-    // (The per-job mode restarts apalis's worker; the batch mode retries its claim.)
     wait_for(Duration::from_secs(20), "the worker noticing", || async {
         let log = worker.log_text();
         (NOTICED
@@ -747,7 +739,12 @@ async fn sigterm_with_a_stuck_batch_releases_its_jobs_at_the_deadline() {
         (held_by(pool, "stuck-a").await == 0 && unclaimable(pool).await == 0).then(|| t.elapsed())
     })
     .await;
-    assert!(a.log_text().contains("released"), "{}", a.log_tail());
+    assert!(a.log_text().contains("rolled back"), "{}", a.log_tail());
+    assert!(
+        !a.log_text().contains("batches in flight finished"),
+        "one story at the deadline: {}",
+        a.log_tail()
+    );
 
     drop(blocker); // the lock goes with the session
     let mut b = Proc::worker(&db.url, "stuck-b", &[]);

@@ -4,18 +4,34 @@ mod common;
 
 use common::{TestDb, process};
 use notifyd::pipeline::Outcome;
-use notifyd::store::Prepared;
+use notifyd::sanitize::sanitize_body;
+use notifyd::store::{Content, Decision, Prepared, RateLimit};
 
-/// A valid `new_message` event of `user`, ready for the store step.
+/// A valid `new_message` event of `user`, ready for the store step (its body made by the
+/// sanitizer, the only maker of the store's text).
 fn valid(user: &str, id: i64, body: &str) -> Prepared {
     Prepared {
         event_id: id,
         user_id: user.into(),
         event_type: "new_message".into(),
-        body: Some(body.into()),
-        link: None,
-        invalid: None,
+        content: Content::Valid {
+            body: sanitize_body(body).unwrap(),
+            link: None,
+        },
     }
+}
+
+/// The store step alone, in a transaction of its own, as a batch's would be.
+async fn apply_batch(
+    pool: &sqlx::PgPool,
+    batch: &[Prepared],
+    rate: RateLimit,
+    now: Option<chrono::DateTime<chrono::Utc>>,
+) -> Result<Vec<Decision>, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let decisions = notifyd::store::apply_in(&mut tx, batch, &[], rate, now).await?;
+    tx.commit().await?;
+    Ok(decisions)
 }
 
 #[tokio::test]
@@ -49,8 +65,6 @@ async fn stores_one_notification_per_event_even_when_run_twice() {
 /// handing the store the same prepared event again.
 #[tokio::test]
 async fn the_store_step_never_decides_an_event_twice() {
-    use notifyd::store::{RateLimit, apply_batch};
-
     let db = TestDb::new().await;
     let stored = db.enqueue("42", "new_message", "first run").await;
     let limited = db.enqueue("42", "new_message", "limited").await;
@@ -62,7 +76,7 @@ async fn the_store_step_never_decides_an_event_twice() {
     let first = apply_batch(&db.pool, &[prepared(stored), prepared(limited)], one, None)
         .await
         .unwrap();
-    let outcomes: Vec<&str> = first.iter().map(|d| d.outcome.as_str()).collect();
+    let outcomes: Vec<&str> = first.iter().map(|d| d.verdict.as_str()).collect();
     assert_eq!(outcomes, ["stored", "rate_limited"]);
 
     // A second run with stale input, and a more generous limit: nothing is decided again.
@@ -98,7 +112,6 @@ async fn the_store_step_never_decides_an_event_twice() {
 #[tokio::test]
 async fn a_longer_window_still_counts_earlier_deliveries() {
     use chrono::{Duration as Days, Utc};
-    use notifyd::store::{RateLimit, apply_batch};
     use std::time::Duration;
 
     let db = TestDb::new().await;
@@ -129,8 +142,8 @@ async fn a_longer_window_still_counts_earlier_deliveries() {
     )
     .await
     .unwrap();
-    let outcomes = |d: &[notifyd::store::Decision]| -> Vec<String> {
-        d.iter().map(|d| d.outcome.clone()).collect()
+    let outcomes = |d: &[Decision]| -> Vec<String> {
+        d.iter().map(|d| d.verdict.as_str().to_owned()).collect()
     };
     assert_eq!(outcomes(&a), ["stored", "stored"]);
     assert_eq!(outcomes(&b), ["stored", "rate_limited"]);
@@ -198,8 +211,6 @@ async fn a_stored_event_is_recorded_by_its_notification() {
 /// duplicate first in event order, the next event is still stored.
 #[tokio::test]
 async fn a_second_run_of_a_stored_event_takes_no_place_in_the_limit() {
-    use notifyd::store::{RateLimit, apply_batch};
-
     let db = TestDb::new().await;
     let first = db.enqueue("d", "new_message", "first").await;
     let second = db.enqueue("d", "new_message", "second").await;
@@ -212,7 +223,7 @@ async fn a_second_run_of_a_stored_event_takes_no_place_in_the_limit() {
     let a = apply_batch(&db.pool, &[prepared(first)], two, None)
         .await
         .unwrap();
-    assert_eq!(a[0].outcome, "stored");
+    assert_eq!(a[0].verdict.as_str(), "stored");
     let b = apply_batch(
         &db.pool,
         &[prepared(first), prepared(second), prepared(third)],
@@ -221,7 +232,7 @@ async fn a_second_run_of_a_stored_event_takes_no_place_in_the_limit() {
     )
     .await
     .unwrap();
-    let decided: Vec<(i64, &str)> = b.iter().map(|d| (d.event_id, d.outcome.as_str())).collect();
+    let decided: Vec<(i64, &str)> = b.iter().map(|d| (d.event_id, d.verdict.as_str())).collect();
     assert_eq!(decided, [(second, "stored"), (third, "rate_limited")]);
     assert_eq!(
         db.count("SELECT count(*) FROM notify.notifications").await,

@@ -1,6 +1,6 @@
 //! Policy through the real pipeline: preferences, and the per-user rolling-window rate
 //! limit, including its exactness when several pipelines (replicas) race on one user.
-//! Time is injected (`Pipeline::now`) wherever the test is about the window.
+//! Time is injected (`Runner`'s `now`) wherever the test is about the window.
 
 mod common;
 
@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, TimeZone, Utc};
-use common::{TestDb, process};
-use notifyd::pipeline::{Outcome, Pipeline};
+use common::{Runner, TestDb, process};
+use notifyd::pipeline::Outcome;
 use notifyd::store::RateLimit;
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
@@ -41,7 +41,7 @@ async fn enqueue_n(db: &TestDb, user: &str, event_type: &str, n: i64) -> Vec<i64
     ids
 }
 
-fn pipeline_at(db: &TestDb, limit: u32, now: DateTime<Utc>) -> Pipeline {
+fn pipeline_at(db: &TestDb, limit: u32, now: DateTime<Utc>) -> Runner {
     let mut p = db.pipeline();
     p.rate = RateLimit {
         limit,
@@ -452,7 +452,7 @@ async fn racing_pipelines_never_store_more_than_the_limit() {
             .connect(&db.url)
             .await
             .unwrap();
-        let p = Pipeline::new(
+        let p = Runner::new(
             pool,
             RateLimit {
                 limit: LIMIT,
@@ -514,7 +514,7 @@ async fn the_same_events_processed_concurrently_are_stored_once() {
             .connect(&db.url)
             .await
             .unwrap();
-        pipelines.push(Pipeline::new(pool, RateLimit::default()));
+        pipelines.push(Runner::new(pool, RateLimit::default()));
     }
     let mut total = 0;
     for round in 0..ROUNDS {

@@ -12,8 +12,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use common::process;
-use notifyd::pipeline::Pipeline;
+use common::{Runner, process};
 use notifyd::store::RateLimit;
 use serve_support::{Server, add, eventually, ids, token};
 
@@ -354,7 +353,7 @@ async fn paging_under_concurrent_inserts_has_no_gaps_or_repeats() {
     let t = token("alice");
     // The real store path (enqueue, then the pipeline's group commit and announcement),
     // with a limit high enough to store everything.
-    let pipeline = Pipeline::new(
+    let pipeline = Runner::new(
         s.db.pool.clone(),
         RateLimit {
             limit: 1_000_000,
@@ -437,7 +436,7 @@ async fn read_state_announcements_are_split_under_the_notify_limit() {
     }
     let mut listener = PgListener::connect(&s.db.url).await.unwrap();
     listener
-        .listen(notifyd::serve::watermark::READ_STATE_CHANNEL)
+        .listen(notifyd::contract::READ_STATE_CHANNEL)
         .await
         .unwrap();
     sqlx::query("UPDATE notify.notifications SET read_at = now()")

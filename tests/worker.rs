@@ -1,64 +1,51 @@
-//! End to end through the real apalis worker, in process: `claim::run` with the group-commit
-//! batcher, fed by SQL inserts, drained by polling the queue (no fixed sleeps). Every
-//! scenario runs in both claim modes (`batch`, the default, and `per-job`).
+//! End to end through the real apalis worker, in process: `claim::run` over the claim
+//! backend, fed by SQL inserts, drained by polling the queue (no fixed sleeps); and the
+//! worker's step (`Processor::run_once`) driven one batch at a time to `EmptyQueue`.
 
 mod common;
 
 use std::time::{Duration, Instant};
 
 use common::TestDb;
-use notifyd::batch::{BatchSettings, Batcher};
-use notifyd::claim::{self, ClaimMode, ClaimSettings};
-use notifyd::pipeline::Pipeline;
+use notifyd::claim::{self, ClaimSettings, Processor, Step, Stopped};
+use notifyd::pipeline::{Outcome, Pipeline};
 use notifyd::store::RateLimit;
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-/// One worker replica: its own pool, batcher and claim loop.
+/// One worker replica: its own pool, processor and claim loop.
 struct Worker {
     name: String,
     stop: watch::Sender<bool>,
-    task: JoinHandle<()>,
-    /// A clone of the worker's batcher: how many jobs it answered and committed.
-    batcher: Batcher,
+    task: JoinHandle<Stopped>,
+    /// A clone of the worker's processor: how many jobs it answered and committed.
+    processor: Processor,
 }
 
 impl Worker {
-    async fn start(db: &TestDb, name: &str, rate: RateLimit, mode: ClaimMode) -> Self {
-        Self::start_with(db, name, rate, mode, (50, 100, 2), Duration::from_secs(1)).await
+    async fn start(db: &TestDb, name: &str, rate: RateLimit) -> Self {
+        Self::start_with(db, name, rate, (50, 2), Duration::from_secs(1)).await
     }
 
-    /// `(fetch_batch, max_batch, flushers)`: jobs per claim, jobs per store transaction,
-    /// store transactions at once; `heartbeat`: the worker's heartbeat interval.
+    /// `(fetch_batch, in_flight)`: jobs per claimed batch, batches at once; `heartbeat`:
+    /// the worker's heartbeat interval.
     async fn start_with(
         db: &TestDb,
         name: &str,
         rate: RateLimit,
-        mode: ClaimMode,
-        (fetch_batch, max_batch, flushers): (usize, usize, usize),
+        (fetch_batch, in_flight): (usize, usize),
         heartbeat: Duration,
     ) -> Self {
         let pool = PgPoolOptions::new()
-            .max_connections(flushers as u32 + 6)
+            .max_connections(in_flight as u32 + 4)
             .connect(&db.url)
             .await
             .expect("worker pool");
-        let batcher = Batcher::start(
-            Pipeline::new(pool.clone(), rate),
-            BatchSettings {
-                max_batch,
-                linger: Duration::from_millis(2),
-                flushers,
-            },
-        );
+        let processor = Processor::new(pool.clone(), Pipeline::new(rate), name);
         let settings = ClaimSettings {
-            mode,
-            concurrency: match mode {
-                ClaimMode::Batch => flushers,
-                ClaimMode::PerJob => 200,
-            },
+            concurrency: in_flight,
             fetch_batch,
             poll_interval: Duration::from_millis(10),
             heartbeat,
@@ -66,12 +53,12 @@ impl Worker {
             name: name.to_owned(),
         };
         let (stop, rx) = watch::channel(false);
-        let task = tokio::spawn(claim::run(pool, settings, batcher.clone(), rx));
+        let task = tokio::spawn(claim::run(pool, settings, processor.clone(), rx, None));
         Worker {
             name: name.to_owned(),
             stop,
             task,
-            batcher,
+            processor,
         }
     }
 
@@ -83,30 +70,12 @@ impl Worker {
             self.name
         );
         self.stop.send(true).unwrap();
-        tokio::time::timeout(Duration::from_secs(30), self.task)
+        let stopped = tokio::time::timeout(Duration::from_secs(30), self.task)
             .await
             .unwrap_or_else(|_| panic!("worker {} did not stop within 30 s", self.name))
             .unwrap();
+        assert_eq!(stopped, Stopped::Drained, "worker {}", self.name);
     }
-}
-
-/// One `#[tokio::test]` per claim mode for a scenario `async fn name(mode: ClaimMode)`.
-macro_rules! both_modes {
-    ($name:ident) => {
-        mod $name {
-            use super::*;
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-            async fn batch() {
-                super::$name(ClaimMode::Batch).await
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-            async fn per_job() {
-                super::$name(ClaimMode::PerJob).await
-            }
-        }
-    };
 }
 
 /// Wait until apalis has registered the worker (it is then listening and polling).
@@ -158,8 +127,8 @@ async fn enqueue_many(db: &TestDb, users: i64, per_user: i64) {
     .unwrap();
 }
 
-both_modes!(poison_rows_are_killed_with_a_reason_and_do_not_block_the_queue);
-async fn poison_rows_are_killed_with_a_reason_and_do_not_block_the_queue(mode: ClaimMode) {
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn poison_rows_are_killed_with_a_reason_and_do_not_block_the_queue() {
     let db = TestDb::new().await;
     let garbage = insert_raw_job(&db.pool, b"\xff\xfe\x00garbage").await;
     let no_event_id = insert_raw_job(&db.pool, br#"{"user_id":"42","body":"hi"}"#).await;
@@ -172,7 +141,7 @@ async fn poison_rows_are_killed_with_a_reason_and_do_not_block_the_queue(mode: C
         );
     }
 
-    let worker = Worker::start(&db, "poison", RateLimit::default(), mode).await;
+    let worker = Worker::start(&db, "poison", RateLimit::default()).await;
     db.wait_until_drained(Duration::from_secs(30)).await;
 
     assert_eq!(
@@ -203,12 +172,9 @@ async fn poison_rows_are_killed_with_a_reason_and_do_not_block_the_queue(mode: C
             "poison job {id}: last_result {text} should say {reason:?}"
         );
     }
-    // No other job failed, and the good jobs finished.
-    assert_eq!(
-        db.count("SELECT count(*) FROM apalis.jobs WHERE status <> 'Done'")
-            .await,
-        3
-    );
+    // No other job failed, and the good jobs finished (a finished job is deleted with its
+    // outcome).
+    assert_eq!(db.count("SELECT count(*) FROM apalis.jobs").await, 3);
 
     // The worker kept running through them: apalis's worker was never restarted (a restart
     // registers a new name, "<prefix>-1"), and it still takes new work.
@@ -229,8 +195,8 @@ async fn poison_rows_are_killed_with_a_reason_and_do_not_block_the_queue(mode: C
     worker.shutdown().await;
 }
 
-both_modes!(two_workers_drain_2000_events_with_an_exact_rate_limit);
-async fn two_workers_drain_2000_events_with_an_exact_rate_limit(mode: ClaimMode) {
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_workers_drain_2000_events_with_an_exact_rate_limit() {
     const USERS: i64 = 50;
     const PER_USER: i64 = 40;
     const LIMIT: u32 = 30;
@@ -239,12 +205,12 @@ async fn two_workers_drain_2000_events_with_an_exact_rate_limit(mode: ClaimMode)
         limit: LIMIT,
         window: Duration::from_secs(3600),
     };
-    // Both idle and polling before the events arrive, so they race for them. Small claims
-    // and small store transactions, several at once per replica, so that many transactions
-    // hold events of the same user at the moment that user reaches the limit.
+    // Both idle and polling before the events arrive, so they race for them. Small batches,
+    // several at once per replica, so that many transactions hold events of the same user
+    // at the moment that user reaches the limit.
     let second = Duration::from_secs(1);
-    let a = Worker::start_with(&db, "replica-a", rate, mode, (20, 10, 4), second).await;
-    let b = Worker::start_with(&db, "replica-b", rate, mode, (20, 10, 4), second).await;
+    let a = Worker::start_with(&db, "replica-a", rate, (10, 4), second).await;
+    let b = Worker::start_with(&db, "replica-b", rate, (10, 4), second).await;
     wait_registered(&db, "replica-a").await;
     wait_registered(&db, "replica-b").await;
 
@@ -293,22 +259,17 @@ async fn two_workers_drain_2000_events_with_an_exact_rate_limit(mode: ClaimMode)
         0,
         "outcomes agree with the notifications"
     );
-    // Every job finished and none failed: batch mode deletes a job with its outcome,
-    // per-job mode (apalis's own ack) keeps it as `Done`.
-    let finished = match mode {
-        ClaimMode::Batch => "SELECT count(*) FROM apalis.jobs",
-        ClaimMode::PerJob => "SELECT count(*) FROM apalis.jobs WHERE status <> 'Done'",
-    };
+    // Every job finished (deleted with its outcome) and none failed.
     assert_eq!(
-        db.count(finished).await,
+        db.count("SELECT count(*) FROM apalis.jobs").await,
         0,
         "every job finished, none failed"
     );
-    // Both replicas took part (each claims at most 20 per fetch, and both were woken), and
+    // Both replicas took part (each claims at most 10 per batch, and both were woken), and
     // between them they answered every job once.
     let (by_a, by_b) = (
-        a.batcher.outcomes_committed(),
-        b.batcher.outcomes_committed(),
+        a.processor.outcomes_committed(),
+        b.processor.outcomes_committed(),
     );
     assert!(
         by_a > 0 && by_b > 0,
@@ -319,16 +280,15 @@ async fn two_workers_drain_2000_events_with_an_exact_rate_limit(mode: ClaimMode)
     b.shutdown().await;
 }
 
-both_modes!(an_idle_worker_picks_up_a_lone_event_long_before_its_heartbeat);
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 /// Workers find new jobs by polling (enqueuing sends no NOTIFY), so an idle worker must keep
-/// polling after its polls found the queue empty: apalis's own interval poll lost its timer
-/// then, and a lone event waited for the next heartbeat. With a 60 s heartbeat, three lone
-/// events, each after an idle second, must each be stored within 10 s.
-async fn an_idle_worker_picks_up_a_lone_event_long_before_its_heartbeat(mode: ClaimMode) {
+/// polling after its polls found the queue empty (apalis's own interval poll once lost its
+/// timer then, and a lone event waited for the next heartbeat). With a 60 s heartbeat,
+/// three lone events, each after an idle second, must each be stored within 10 s.
+async fn an_idle_worker_picks_up_a_lone_event_long_before_its_heartbeat() {
     let db = TestDb::new().await;
-    let layout = (50, 100, 2);
     let minute = Duration::from_secs(60);
-    let worker = Worker::start_with(&db, "idle", RateLimit::default(), mode, layout, minute).await;
+    let worker = Worker::start_with(&db, "idle", RateLimit::default(), (50, 2), minute).await;
     wait_registered(&db, "idle").await;
     for i in 0..3 {
         // Idle on purpose: the worker's polls meet an empty queue.
@@ -356,10 +316,10 @@ async fn an_idle_worker_picks_up_a_lone_event_long_before_its_heartbeat(mode: Cl
     worker.shutdown().await;
 }
 
-both_modes!(a_delayed_event_is_stored_only_after_its_time);
-async fn a_delayed_event_is_stored_only_after_its_time(mode: ClaimMode) {
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_delayed_event_is_stored_only_after_its_time() {
     let db = TestDb::new().await;
-    let worker = Worker::start(&db, "delay", RateLimit::default(), mode).await;
+    let worker = Worker::start(&db, "delay", RateLimit::default()).await;
     wait_registered(&db, "delay").await;
 
     let (id, run_at): (i64, chrono::DateTime<chrono::Utc>) = sqlx::query_as(
@@ -416,4 +376,129 @@ async fn a_delayed_event_is_stored_only_after_its_time(mode: ClaimMode) {
     );
     db.wait_until_drained(Duration::from_secs(10)).await;
     worker.shutdown().await;
+}
+
+/// The worker's step, driven by hand: each `run_once` claims one batch of due jobs,
+/// processes it and commits; once nothing is claimable it answers `EmptyQueue`, and a
+/// delayed event stays out of every batch until it is due.
+#[tokio::test]
+async fn run_once_claims_batches_until_the_queue_is_empty() {
+    let db = TestDb::new().await;
+    for i in 0..25 {
+        db.enqueue(&format!("u{}", i % 3), "new_message", &format!("m{i}"))
+            .await;
+    }
+    let bad = insert_raw_job(&db.pool, br#"{"nope":1}"#).await;
+    sqlx::query(
+        "INSERT INTO notify.events (user_id, event_type, body, run_at)
+         VALUES ('42', 'system_alert', 'later', now() + interval '1 hour')",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    claim::maintenance::register(&db.pool, "stepper")
+        .await
+        .unwrap();
+    let p = Processor::new(
+        db.pool.clone(),
+        Pipeline::new(RateLimit::default()),
+        "stepper",
+    );
+
+    let mut sizes = Vec::new();
+    let mut refused = 0;
+    loop {
+        match p.run_once(10).await.unwrap() {
+            Step::Processed(answers) => {
+                sizes.push(answers.len());
+                refused += answers.iter().filter(|a| a.is_err()).count();
+                assert!(
+                    answers
+                        .iter()
+                        .flatten()
+                        .all(|o| matches!(o, Outcome::Stored { .. })),
+                    "{answers:?}"
+                );
+            }
+            Step::EmptyQueue => break,
+        }
+        assert!(sizes.len() < 10, "the queue never ran empty: {sizes:?}");
+    }
+    // 25 events and the bad row, in claims of at most 10; the delayed event is not due.
+    assert_eq!(sizes, [10, 10, 6]);
+    assert_eq!(refused, 1);
+    assert_eq!(p.outcomes_committed(), 25);
+    assert_eq!(
+        db.count("SELECT count(*) FROM notify.notifications").await,
+        25
+    );
+    let status: String = sqlx::query_scalar("SELECT status FROM apalis.jobs WHERE id = $1")
+        .bind(&bad)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(status, "Killed");
+    assert!(matches!(p.run_once(10).await.unwrap(), Step::EmptyQueue));
+    // Left: the refused row and the delayed event's job.
+    assert_eq!(db.count("SELECT count(*) FROM apalis.jobs").await, 2);
+}
+
+/// Upgrading from a release that ran per-job workers: rows they left `Queued` or `Running`
+/// (a killed worker's fetched jobs) would never be claimed by batch workers. `notifyd
+/// migrate` puts them back to `Pending`, and the next step stores them.
+#[tokio::test]
+async fn migrate_takes_back_jobs_left_claimed_by_per_job_workers() {
+    let db = TestDb::new().await;
+    let ids = [
+        db.enqueue("7", "new_message", "left queued").await,
+        db.enqueue("7", "new_message", "left running").await,
+        db.enqueue("8", "new_message", "pending").await,
+    ];
+    sqlx::query(
+        "INSERT INTO apalis.workers (id, worker_type, storage_name, layers, last_seen, started_at)
+         VALUES ('old-per-job-0', 'notifyd.events', 'PostgresStorage', '', now(), now())",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    for (event, status) in [(ids[0], "Queued"), (ids[1], "Running")] {
+        sqlx::query(
+            "UPDATE apalis.jobs SET status = $2, lock_by = 'old-per-job-0', lock_at = now()
+             WHERE idempotency_key = 'event:' || $1",
+        )
+        .bind(event)
+        .bind(status)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    }
+    claim::maintenance::register(&db.pool, "new").await.unwrap();
+    let p = Processor::new(db.pool.clone(), Pipeline::new(RateLimit::default()), "new");
+    // Before the reset only the pending one is claimable: the others would be stranded.
+    let Step::Processed(first) = p.run_once(100).await.unwrap() else {
+        panic!("the pending job was claimable");
+    };
+    assert_eq!(first.len(), 1);
+    assert!(matches!(p.run_once(100).await.unwrap(), Step::EmptyQueue));
+
+    notifyd::db::migrate(&db.pool).await.unwrap();
+    assert_eq!(
+        db.count("SELECT count(*) FROM apalis.jobs WHERE status = 'Pending' AND lock_by IS NULL")
+            .await,
+        2
+    );
+    let Step::Processed(rest) = p.run_once(100).await.unwrap() else {
+        panic!("the reset jobs are claimable");
+    };
+    assert_eq!(rest.len(), 2);
+    assert_eq!(
+        db.count("SELECT count(*) FROM notify.notifications").await,
+        3
+    );
+    assert_eq!(db.count("SELECT count(*) FROM apalis.jobs").await, 0);
+    // Idempotent: nothing left to reset.
+    assert_eq!(
+        notifyd::db::reset_retired_claims(&db.pool).await.unwrap(),
+        0
+    );
 }

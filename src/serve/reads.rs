@@ -20,8 +20,8 @@ use sqlx::{PgPool, Row};
 
 #[cfg(doc)]
 use super::api::Notification;
-use super::api::rfc3339;
 use super::connections::ReadPool;
+use super::rfc3339;
 use super::watermark::Snapshot;
 
 /// Which notifications a request reads.

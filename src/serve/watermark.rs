@@ -45,11 +45,7 @@ use sqlx::postgres::PgListener;
 use tokio::sync::watch;
 
 use super::hub::Hub;
-pub use crate::store::ANNOUNCE_CHANNEL;
-
-/// The channel of our triggers on `notify.notifications` (UPDATE, DELETE, TRUNCATE).
-/// Payload: a JSON array of user ids, or `*` for "everyone".
-pub const READ_STATE_CHANNEL: &str = "notifyd_read_state";
+use crate::contract::{ANNOUNCE_CHANNEL, READ_STATE_CHANNEL};
 
 const SHARDS: usize = 64;
 

@@ -12,9 +12,12 @@ use std::time::Duration;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::{Connection, PgConnection, PgPool};
 
+use notifyd::claim::Processor;
+use notifyd::claim::backend::{ClaimedBatch, ClaimedJob};
+use notifyd::claim::maintenance;
+use notifyd::contract::QUEUE;
 use notifyd::pipeline::{Outcome, Pipeline};
 use notifyd::store::RateLimit;
-use notifyd::validate::RawJob;
 
 pub fn server_url() -> String {
     std::env::var("NOTIFYD_TEST_DATABASE_URL")
@@ -130,8 +133,9 @@ impl TestDb {
         TestDb { name, url, pool }
     }
 
-    pub fn pipeline(&self) -> Pipeline {
-        Pipeline::new(self.pool.clone(), RateLimit::default())
+    /// A runner with the default rate limit.
+    pub fn pipeline(&self) -> Runner {
+        Runner::new(self.pool.clone(), RateLimit::default())
     }
 
     /// Enqueue one event with plain SQL, as the backend does; returns its id.
@@ -205,17 +209,94 @@ impl Drop for TestDb {
     }
 }
 
-/// The job payload the enqueue trigger writes for an event.
-pub fn job_for(event_id: i64) -> RawJob {
-    RawJob(format!("{{\"event_id\":{event_id}}}").into_bytes())
+/// Processes chosen events the way the worker does: their queue rows are locked in a
+/// transaction and handed to the worker's own [`Processor`] as one claimed batch, which
+/// runs the pipeline, settles and commits. (The worker's claim takes whatever is due; a
+/// test names its events, and may process them at an injected `now`.) Derefs to the
+/// [`Pipeline`] settings (`rate`, `now`).
+#[derive(Clone)]
+pub struct Runner {
+    pub pool: PgPool,
+    pipeline: Pipeline,
 }
 
-/// Run events through the pipeline directly (no queue), one batch.
-pub async fn process(p: &Pipeline, ids: &[i64]) -> Vec<Outcome> {
-    let jobs: Vec<RawJob> = ids.iter().map(|&id| job_for(id)).collect();
-    p.process(&jobs)
+impl Runner {
+    pub fn new(pool: PgPool, rate: RateLimit) -> Self {
+        Runner {
+            pool,
+            pipeline: Pipeline::new(rate),
+        }
+    }
+}
+
+impl std::ops::Deref for Runner {
+    type Target = Pipeline;
+    fn deref(&self) -> &Pipeline {
+        &self.pipeline
+    }
+}
+
+impl std::ops::DerefMut for Runner {
+    fn deref_mut(&mut self) -> &mut Pipeline {
+        &mut self.pipeline
+    }
+}
+
+/// The job payload the enqueue trigger writes for an event.
+pub fn job_for(event_id: i64) -> Vec<u8> {
+    format!("{{\"event_id\":{event_id}}}").into_bytes()
+}
+
+/// Run events through the worker's processing as one batch, in the order given. Each
+/// event's queue row is claimed when it is there and not locked (`SKIP LOCKED`, like the
+/// worker's claim); an event named twice, or whose row is gone or held by another
+/// transaction, gets a stand-in job with the same payload, as a second queue row for the
+/// same event would be: a job that runs twice.
+pub async fn process(r: &Runner, ids: &[i64]) -> Vec<Outcome> {
+    maintenance::register(&r.pool, "test-runner")
         .await
+        .expect("register the test runner");
+    let mut tx = r.pool.begin().await.expect("begin");
+    let rows: Vec<(String, Vec<u8>, String)> = sqlx::query_as(
+        "SELECT id, job, idempotency_key FROM apalis.jobs
+         WHERE job_type = $1
+           AND idempotency_key = ANY(ARRAY(SELECT 'event:' || e FROM unnest($2::bigint[]) AS e))
+         FOR UPDATE SKIP LOCKED",
+    )
+    .bind(QUEUE)
+    .bind(ids)
+    .fetch_all(&mut *tx)
+    .await
+    .expect("lock the events' jobs");
+    let mut queued: std::collections::HashMap<String, (String, Vec<u8>)> = rows
         .into_iter()
-        .map(|r| r.expect("no job error"))
+        .map(|(id, job, key)| (key, (id, job)))
+        .collect();
+    let now = chrono::Utc::now().timestamp_millis();
+    let jobs = ids
+        .iter()
+        .enumerate()
+        .map(
+            |(n, event)| match queued.remove(&format!("event:{event}")) {
+                Some((id, job)) => ClaimedJob {
+                    id,
+                    job,
+                    due_ms: now,
+                },
+                None => ClaimedJob {
+                    id: format!("stand-in-{n}"),
+                    job: job_for(*event),
+                    due_ms: now,
+                },
+            },
+        )
+        .collect();
+    let processor = Processor::new(r.pool.clone(), r.pipeline.clone(), "test-runner");
+    processor
+        .process(ClaimedBatch::new(tx, jobs))
+        .await
+        .expect("the batch commits")
+        .into_iter()
+        .map(|a| a.expect("no job is refused"))
         .collect()
 }

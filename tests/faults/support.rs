@@ -12,8 +12,7 @@ use sqlx::PgPool;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_notifyd");
 
-/// Short liveness settings for the rescue tests: a worker silent for 3 s is dead; every
-/// replica checks once a second.
+/// Short liveness settings: a worker silent for 3 s shows as gone in `notifyd status`.
 pub const HEARTBEAT_SECS: u64 = 1;
 pub const MISSED_HEARTBEATS: u64 = 3;
 
@@ -98,8 +97,6 @@ impl Proc {
             ("NOTIFYD_CLEANUP_INTERVAL_SECS", "0".into()),
             ("NOTIFYD_QUEUE_METRICS_SECS", "1".into()),
             ("NOTIFYD_FETCH_BATCH", "200".into()),
-            ("NOTIFYD_STORE_BATCH", "200".into()),
-            ("NOTIFYD_CONCURRENCY", "600".into()),
             ("NOTIFYD_DB_POOL", "6".into()),
         ];
         all.extend(env.iter().cloned());
@@ -372,19 +369,15 @@ pub async fn done_events(pool: &PgPool) -> i64 {
     .await
 }
 
-/// Jobs claimed (and not finished) by worker process `name`: in batch mode, the queue rows
-/// its open claim transactions hold locked (a row lock leaves the row's `xmax` set to the
-/// locker's transaction id, and the worker's sessions carry its name in
-/// `application_name`); in per-job mode, the rows its apalis instances marked `Queued` or
-/// `Running`.
+/// Jobs claimed (and not finished) by worker process `name`: the queue rows its open claim
+/// transactions hold locked (a row lock leaves the row's `xmax` set to the locker's
+/// transaction id, and the worker's sessions carry its name in `application_name`).
 pub async fn held_by(pool: &PgPool, name: &str) -> i64 {
     sqlx::query_scalar(
-        "SELECT (SELECT count(*) FROM apalis.jobs
-                 WHERE lock_by LIKE $1 || '-%' AND status IN ('Queued', 'Running'))
-              + (SELECT count(*) FROM apalis.jobs
-                 WHERE xmax IN (SELECT backend_xid FROM pg_stat_activity
-                                WHERE application_name = 'notifyd-worker:' || $1
-                                  AND backend_xid IS NOT NULL))",
+        "SELECT count(*) FROM apalis.jobs
+         WHERE xmax IN (SELECT backend_xid FROM pg_stat_activity
+                        WHERE application_name = 'notifyd-worker:' || $1
+                          AND backend_xid IS NOT NULL)",
     )
     .bind(name)
     .fetch_one(pool)

@@ -213,7 +213,7 @@ pub async fn add_on(pool: &sqlx::PgPool, user: &str, n: i32) -> Vec<i64> {
     ids.sort_unstable();
     if let Some(newest) = ids.last() {
         sqlx::query("SELECT pg_notify($1, $2)")
-            .bind(notifyd::store::ANNOUNCE_CHANNEL)
+            .bind(notifyd::contract::ANNOUNCE_CHANNEL)
             .bind(json!([[user, newest]]).to_string())
             .execute(&mut *tx)
             .await

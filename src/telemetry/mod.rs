@@ -1,6 +1,11 @@
-//! Logging: one `init` for every subcommand. Human-readable lines by default, one JSON
-//! object per line with `--log-format json`. The filter comes from `RUST_LOG` (default
-//! `info`); it is never set from inside the program.
+//! Telemetry: logs ([`init`], one for every subcommand) and Prometheus metrics
+//! ([`series`]).
+//!
+//! Logs are human-readable lines by default, one JSON object per line with
+//! `--log-format json`. The filter comes from `RUST_LOG` (default `info`); it is never set
+//! from inside the program.
+
+pub mod series;
 
 use tracing_subscriber::EnvFilter;
 

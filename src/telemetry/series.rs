@@ -1,26 +1,24 @@
 //! Prometheus metrics: one process-wide recorder ([`install`]), a `/metrics` listener
-//! ([`serve`]) and the names and helpers the rest of the code records with.
+//! ([`serve`]) and the names the rest of the code records with. It knows nothing of the
+//! pipeline: callers hand it plain numbers and labels.
 //!
 //! The recorder is the `metrics` facade with `metrics-exporter-prometheus`. Until
 //! [`install`] runs (library use, tests), every recording call is a cheap no-op.
 //!
 //! Where each series comes from:
-//! * `notifyd_events_total{outcome}`: the batcher, once per answered job (`stored`,
-//!   `opted_out`, `rate_limited`, `duplicate`, `invalid`, `failed`). `failed` covers refused
-//!   jobs (bad payload, missing event: final) and jobs given back after the in-process
-//!   retries ran out (apalis retries them); `notifyd_job_failures_total{kind}` tells the two
-//!   apart (`permanent`, `transient`).
+//! * `notifyd_events_total{outcome}`: once per answered job of a committed batch
+//!   (`stored`, `opted_out`, `rate_limited`, `duplicate`, `invalid`, `failed`), from
+//!   `pipeline::Tally`. `failed` covers refused jobs (bad payload, missing event: final)
+//!   and the jobs of a batch that rolled back (claimed again later);
+//!   `notifyd_job_failures_total{kind}` tells the two apart (`permanent`, `transient`).
 //! * `notifyd_claim_wait_seconds`: from the moment a job was enqueued (the time in its ULID,
 //!   or its `run_at` if later) to the moment a worker starts it. With no backlog this is the
 //!   enqueue-to-claim latency; with a backlog it is the queue wait. A retried or rescued job
 //!   counts from its first enqueue.
-//! * `notifyd_store_seconds`, `notifyd_batch_jobs`: one sample per store transaction (the
-//!   group commit of a batch).
+//! * `notifyd_store_seconds`, `notifyd_batch_jobs`: one sample per claimed batch (one
+//!   transaction).
 //! * `notifyd_queue_*`: a periodic query in the worker (every replica reports the same
 //!   values; aggregate with `max`).
-//! * `notifyd_jobs_rescued_total`: jobs this replica took back from a dead worker (see
-//!   [`crate::claim::rescue_orphans`]); `notifyd_jobs_released_total`: jobs a replica gave
-//!   back itself (after its apalis worker failed, or at the shutdown deadline).
 //! * `notifyd_http_*`: [`track_http`], a middleware for the read service.
 
 use std::net::SocketAddr;
@@ -50,8 +48,6 @@ pub const QUEUE_DEPTH: &str = "notifyd_queue_depth";
 pub const QUEUE_JOBS: &str = "notifyd_queue_jobs";
 pub const QUEUE_LAG: &str = "notifyd_queue_lag_seconds";
 pub const WORKERS_ALIVE: &str = "notifyd_workers_alive";
-pub const RESCUED: &str = "notifyd_jobs_rescued_total";
-pub const RELEASED: &str = "notifyd_jobs_released_total";
 pub const WORKER_RESTARTS: &str = "notifyd_worker_restarts_total";
 pub const HTTP_REQUESTS: &str = "notifyd_http_requests_total";
 pub const HTTP_SECONDS: &str = "notifyd_http_request_duration_seconds";
@@ -127,11 +123,8 @@ fn describe() {
         CLAIM_WAIT,
         "Seconds from a job's enqueue (or run_at, if later) to a worker starting it"
     );
-    describe_histogram!(
-        STORE_SECONDS,
-        "Seconds per store transaction (one group-committed batch)"
-    );
-    describe_histogram!(BATCH_JOBS, "Jobs per store transaction");
+    describe_histogram!(STORE_SECONDS, "Seconds of the store step per claimed batch");
+    describe_histogram!(BATCH_JOBS, "Jobs per claimed batch");
     describe_gauge!(
         QUEUE_DEPTH,
         "Jobs not finished yet: pending, claimed, running, or waiting to retry"
@@ -143,19 +136,11 @@ fn describe() {
     );
     describe_gauge!(
         WORKERS_ALIVE,
-        "Workers whose last heartbeat is younger than the rescue time"
-    );
-    describe_counter!(
-        RESCUED,
-        "Jobs taken back from workers that missed their heartbeats"
-    );
-    describe_counter!(
-        RELEASED,
-        "Jobs a worker gave back itself (after a failure, or at the shutdown deadline)"
+        "Workers whose last heartbeat is younger than the liveness threshold"
     );
     describe_counter!(
         WORKER_RESTARTS,
-        "Restarts of the apalis worker after a database error"
+        "Restarts of the apalis worker after it stopped on its own"
     );
     describe_counter!(HTTP_REQUESTS, "HTTP requests, by method, route and status");
     describe_histogram!(HTTP_SECONDS, "HTTP request latency in seconds");
@@ -210,7 +195,7 @@ pub async fn serve(
     Ok((address, task))
 }
 
-/// Axum middleware (`axum::middleware::from_fn(metrics::track_http)`, added with
+/// Axum middleware (`axum::middleware::from_fn(series::track_http)`, added with
 /// `Router::layer`): counts requests and records their latency by method, route (the
 /// matched route pattern, never the raw path, so user ids do not become labels) and status.
 pub async fn track_http(request: Request, next: Next) -> Response {
@@ -228,69 +213,22 @@ pub async fn track_http(request: Request, next: Next) -> Response {
     response
 }
 
-/// Outcome counts of one batch, recorded with one increment per label.
-#[derive(Debug, Default)]
-pub struct OutcomeTally {
-    counts: [u64; 6],
-    permanent: u64,
-    transient: u64,
+/// The queue gauges: depth, rows by state, lag and live workers.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct QueueGauges {
+    pub depth: i64,
+    /// `(state label, rows)`.
+    pub jobs: Vec<(&'static str, i64)>,
+    pub lag_secs: f64,
+    pub workers_alive: usize,
 }
 
-const OUTCOME_LABELS: [&str; 6] = [
-    "stored",
-    "opted_out",
-    "rate_limited",
-    "duplicate",
-    "invalid",
-    "failed",
-];
-
-impl OutcomeTally {
-    /// Count one answer by its outcome label (one of [`crate::pipeline::Outcome::label`]).
-    pub fn outcome(&mut self, label: &str) {
-        if let Some(i) = OUTCOME_LABELS.iter().position(|l| *l == label) {
-            self.counts[i] += 1;
-        }
+/// Set the queue gauges.
+pub fn set_queue(g: &QueueGauges) {
+    gauge!(QUEUE_DEPTH).set(g.depth as f64);
+    for (state, n) in &g.jobs {
+        gauge!(QUEUE_JOBS, "state" => *state).set(*n as f64);
     }
-
-    pub fn permanent_failure(&mut self) {
-        self.counts[5] += 1;
-        self.permanent += 1;
-    }
-
-    pub fn transient_failure(&mut self) {
-        self.counts[5] += 1;
-        self.transient += 1;
-    }
-
-    pub fn record(&self) {
-        for (label, n) in OUTCOME_LABELS.iter().zip(self.counts) {
-            if n > 0 {
-                counter!(EVENTS, "outcome" => *label).increment(n);
-            }
-        }
-        if self.permanent > 0 {
-            counter!(JOB_FAILURES, "kind" => "permanent").increment(self.permanent);
-        }
-        if self.transient > 0 {
-            counter!(JOB_FAILURES, "kind" => "transient").increment(self.transient);
-        }
-    }
-}
-
-/// The queue gauges, from [`crate::ops::QueueStats`].
-pub fn set_queue(stats: &crate::ops::QueueStats, alive_workers: usize) {
-    gauge!(QUEUE_DEPTH).set(stats.depth() as f64);
-    for (state, n) in [
-        ("pending", stats.pending),
-        ("queued", stats.queued),
-        ("running", stats.running),
-        ("retry_wait", stats.retrying),
-        ("failed", stats.failed),
-        ("done", stats.done),
-    ] {
-        gauge!(QUEUE_JOBS, "state" => state).set(n as f64);
-    }
-    gauge!(QUEUE_LAG).set(stats.lag_secs);
-    gauge!(WORKERS_ALIVE).set(alive_workers as f64);
+    gauge!(QUEUE_LAG).set(g.lag_secs);
+    gauge!(WORKERS_ALIVE).set(g.workers_alive as f64);
 }

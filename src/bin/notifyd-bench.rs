@@ -1,4 +1,8 @@
-//! `notifyd bench`: measure the pipeline end to end on a scratch database.
+//! `notifyd-bench`: measure the pipeline end to end on a scratch database. A binary of its
+//! own, beside `notifyd`: the harness (pgbench, scratch databases, process control) is no
+//! part of the production binary. It drives real `notifyd worker` processes: by default the
+//! `notifyd` built next to it, or any other with `--worker-bin` (an A/B of two builds runs
+//! the same harness against both).
 //!
 //! One run, three phases, all against the server in `DATABASE_URL` (a scratch database is
 //! created on it and dropped afterwards):
@@ -28,75 +32,98 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use clap::Args;
+use clap::{Args, Parser};
 use sqlx::{Connection, PgConnection, PgPool};
 
-use crate::db;
+use notifyd::contract::{ANNOUNCE_CHANNEL, QUEUE};
+use notifyd::db;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "notifyd-bench",
+    version,
+    about = "Measure drain throughput and enqueue-to-readable latency against DATABASE_URL"
+)]
+struct Cli {
+    /// Postgres connection URL of the server to measure on (a scratch database is created
+    /// there and dropped afterwards; the role needs CREATEDB).
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    database_url: String,
+
+    #[command(flatten)]
+    bench: BenchArgs,
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    notifyd::telemetry::init(notifyd::config::LogFormat::Human);
+    match run(&cli.database_url, cli.bench).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("notifyd-bench: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
 
 #[derive(Debug, Clone, Args)]
-pub struct BenchArgs {
+struct BenchArgs {
     /// Events to drain in the throughput phase.
     #[arg(long, default_value_t = 200_000)]
-    pub events: u64,
+    events: u64,
 
     /// Distinct users the events are spread over (keep events/users under the rate limit).
     #[arg(long, default_value_t = 20_000)]
-    pub users: u64,
+    users: u64,
 
     /// Worker processes draining the queue.
     #[arg(long, default_value_t = 1)]
-    pub replicas: u32,
+    replicas: u32,
 
-    /// Passed to each worker as --claim-mode.
-    #[arg(long, value_enum, default_value_t = crate::claim::ClaimMode::Batch)]
-    pub claim_mode: crate::claim::ClaimMode,
-
-    /// Passed to each worker as --concurrency (per-job mode only).
-    #[arg(long, default_value_t = 3000)]
-    pub concurrency: u32,
+    /// The `notifyd` executable whose workers are measured (default: the one next to this
+    /// executable).
+    #[arg(long)]
+    worker_bin: Option<std::path::PathBuf>,
 
     /// Passed to each worker as --fetch-batch.
     #[arg(long, default_value_t = 1000)]
-    pub fetch_batch: u32,
-
-    /// Passed to each worker as --store-batch.
-    #[arg(long, default_value_t = 1000)]
-    pub store_batch: u32,
+    fetch_batch: u32,
 
     /// Passed to each worker as --store-flushers.
     #[arg(long, default_value_t = 4)]
-    pub store_flushers: u32,
+    store_flushers: u32,
 
     /// Steady arrival rate (events per second) for the latency phase; 0 skips the phase.
     #[arg(long, default_value_t = 1000)]
-    pub rate: u64,
+    rate: u64,
 
     /// Length of the latency phase in seconds.
     #[arg(long, default_value_t = 20)]
-    pub latency_secs: u64,
+    latency_secs: u64,
 
     /// Length of the soak phase in seconds (steady `--rate`, sampling worker RSS and the
     /// queue table's size and dead tuples); 0 skips it.
     #[arg(long, default_value_t = 0)]
-    pub soak_secs: u64,
+    soak_secs: u64,
 
     /// Seconds between soak samples.
     #[arg(long, default_value_t = 30)]
-    pub soak_sample_secs: u64,
+    soak_sample_secs: u64,
 
     /// pgbench clients for the ceiling phase; 0 skips the phase.
     #[arg(long, default_value_t = 2)]
-    pub ceiling_clients: u32,
+    ceiling_clients: u32,
 
     /// Keep the scratch database afterwards (its name is printed).
     #[arg(long)]
-    pub keep: bool,
+    keep: bool,
 
     /// Write one CSV line per latency probe to this file: `event,sent_ms,insert_ms,readable_ms`
     /// (sent_ms from the start of the phase; readable_ms -1 where never heard), to see when in a run
     /// the slow ones happened and on which side of the INSERT's commit.
     #[arg(long)]
-    pub latency_csv: Option<std::path::PathBuf>,
+    latency_csv: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Default, serde::Serialize)]
@@ -104,10 +131,8 @@ struct Report {
     events: u64,
     users: u64,
     replicas: u32,
-    claim_mode: String,
-    concurrency: u32,
+    worker_bin: String,
     fetch_batch: u32,
-    store_batch: u32,
     store_flushers: u32,
     ceiling_jobs_per_sec: Option<f64>,
     drain_jobs_per_sec: f64,
@@ -142,7 +167,7 @@ struct SoakSample {
     backlog: i64,
 }
 
-pub async fn run(database_url: &str, args: BenchArgs) -> anyhow::Result<()> {
+async fn run(database_url: &str, args: BenchArgs) -> anyhow::Result<()> {
     anyhow::ensure!(
         args.events > 0 && args.users > 0,
         "--events and --users must be positive"
@@ -179,10 +204,8 @@ async fn run_phases(url: &str, args: &BenchArgs) -> anyhow::Result<Report> {
         events: args.events,
         users: args.users,
         replicas: args.replicas,
-        claim_mode: format!("{:?}", args.claim_mode),
-        concurrency: args.concurrency,
+        worker_bin: worker_bin(args)?.display().to_string(),
         fetch_batch: args.fetch_batch,
-        store_batch: args.store_batch,
         store_flushers: args.store_flushers,
         latency_rate: args.rate,
         ..Default::default()
@@ -325,23 +348,30 @@ async fn ceiling(pool: &PgPool, url: &str, args: &BenchArgs) -> anyhow::Result<f
     Ok(rate)
 }
 
+/// The worker executable: `--worker-bin`, else `notifyd` next to this executable.
+fn worker_bin(args: &BenchArgs) -> anyhow::Result<std::path::PathBuf> {
+    let exe = match &args.worker_bin {
+        Some(path) => path.clone(),
+        None => std::env::current_exe()
+            .context("cannot find this executable")?
+            .with_file_name("notifyd"),
+    };
+    anyhow::ensure!(
+        exe.is_file(),
+        "no worker executable at {} (build it with `cargo build --release`, or pass --worker-bin)",
+        exe.display()
+    );
+    Ok(exe)
+}
+
 fn spawn_workers(url: &str, args: &BenchArgs) -> anyhow::Result<Vec<Child>> {
-    let exe = std::env::current_exe().context("cannot find the notifyd executable")?;
+    let exe = worker_bin(args)?;
     (0..args.replicas)
         .map(|i| {
             Command::new(&exe)
                 .arg("worker")
                 .env("DATABASE_URL", url)
-                .env(
-                    "NOTIFYD_CLAIM_MODE",
-                    match args.claim_mode {
-                        crate::claim::ClaimMode::Batch => "batch",
-                        crate::claim::ClaimMode::PerJob => "per-job",
-                    },
-                )
-                .env("NOTIFYD_CONCURRENCY", args.concurrency.to_string())
                 .env("NOTIFYD_FETCH_BATCH", args.fetch_batch.to_string())
-                .env("NOTIFYD_STORE_BATCH", args.store_batch.to_string())
                 .env("NOTIFYD_STORE_FLUSHERS", args.store_flushers.to_string())
                 .env("NOTIFYD_WORKER_NAME", format!("bench-{i}"))
                 .env("NOTIFYD_RATE_LIMIT", "100000")
@@ -490,7 +520,7 @@ async fn claimable_jobs_left(pool: &PgPool) -> anyhow::Result<bool> {
                         WHERE job_type = $1
                           AND (status = 'Pending' OR (status = 'Failed' AND attempts < max_attempts)))",
     )
-    .bind(crate::claim::QUEUE)
+    .bind(QUEUE)
     .fetch_one(pool)
     .await?)
 }
@@ -501,7 +531,7 @@ async fn failed_job(pool: &PgPool) -> anyhow::Result<Option<String>> {
         "SELECT COALESCE(last_result::text, 'no result recorded') FROM apalis.jobs
          WHERE job_type = $1 AND status IN ('Failed', 'Killed') LIMIT 1",
     )
-    .bind(crate::claim::QUEUE)
+    .bind(QUEUE)
     .fetch_optional(pool)
     .await?)
 }
@@ -651,7 +681,7 @@ async fn latency(pool: &PgPool, url: &str, args: &BenchArgs) -> anyhow::Result<L
     // Every probe has a user of its own, so the worker's announcement for that user
     // (`[[user, max_id], ...]`, sent on commit) tells when this very event became readable.
     let mut listener = sqlx::postgres::PgListener::connect(url).await?;
-    listener.listen(crate::store::ANNOUNCE_CHANNEL).await?;
+    listener.listen(ANNOUNCE_CHANNEL).await?;
     let (stop_listening, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
     let heard = tokio::spawn(async move {
         let mut first_heard: std::collections::HashMap<String, Instant> = Default::default();
@@ -794,12 +824,12 @@ fn print_report(r: &Report) {
     let f = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.1}"));
     println!();
     println!(
-        "notifyd bench ({} cores)",
+        "notifyd-bench ({} cores)",
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     println!(
-        "  workers: {} replica(s), claim mode {}, concurrency {}, fetch batch {}, store batch {}, store flushers {}",
-        r.replicas, r.claim_mode, r.concurrency, r.fetch_batch, r.store_batch, r.store_flushers
+        "  workers: {} replica(s) of {}, fetch batch {}, store flushers {}",
+        r.replicas, r.worker_bin, r.fetch_batch, r.store_flushers
     );
     println!("  events: {} over {} users", r.events, r.users);
     println!(

@@ -1,42 +1,36 @@
-//! The batch backend: an apalis [`CustomBackend`] whose tasks are whole batches of queue
+//! The claim backend: an apalis [`CustomBackend`] whose tasks are whole batches of queue
 //! jobs, so that apalis's per-task machinery is paid once per batch instead of once per job,
-//! and whose claim is a transaction, so that a batch's whole effect commits at once.
-//!
-//! Why: apalis-postgres 1.0 hands the worker one task per job. Its claim is batched, but
-//! every job then goes through its own task future, codec, result layer and JSON ack, and
-//! measured on this machine that caps a worker near 9k jobs/s with a no-op handler (see
-//! BENCHMARKS.md), well below what the set-based store can do. Here apalis still runs the
-//! worker (lifecycle, concurrency, graceful shutdown, tracing), over the same
-//! `apalis.jobs` table and states (`Pending`, `Failed` with its backoff, `Killed`).
+//! and whose claim is a transaction, so that a batch's whole effect commits at once. Every
+//! SQL statement on `apalis.jobs` that the worker runs is here.
 //!
 //! One batch is one transaction:
-//! * **claim**: `SELECT … FOR UPDATE SKIP LOCKED` with the eligibility and order of
-//!   `apalis.get_jobs` takes up to `fetch_batch` jobs, which become one task carrying the
-//!   open transaction. A claim happens only when the worker has a free slot (apalis polls
-//!   the backend only after its service is ready), so `concurrency` batches are in flight
-//!   at most, and a worker never holds jobs it cannot start;
+//! * **claim** ([`claim_due`]): `SELECT … FOR UPDATE SKIP LOCKED` with the eligibility and
+//!   order of `apalis.get_jobs` takes up to `fetch_batch` jobs, which become one task
+//!   carrying the open transaction. A claim happens only when the worker has a free slot
+//!   (apalis polls the backend only after its service is ready), so `concurrency` batches
+//!   are in flight at most, and a worker never holds jobs it cannot start;
 //! * **wake-up**: polling. After an empty claim the stream looks again after
 //!   `poll_interval` (10 ms by default); a claim that returns jobs is followed by the next
 //!   claim as soon as a slot is free. Enqueuing sends no NOTIFY (migration
 //!   `20261201000003_enqueue_without_notify.sql`: a NOTIFY makes every enqueuing
 //!   transaction commit one at a time), so there is nothing to listen for. New and delayed
 //!   (`run_at`) jobs are found the same way;
-//! * **process**: [`Batcher::process_in`] loads, sanitizes and stores the batch in that
-//!   transaction (per-user locks, exact rate limit, one notification per event);
-//! * **settle**: the store statement itself deletes the jobs that got an outcome (the
-//!   outcome is the notification or the `notify.events` row; one round trip less per
-//!   batch, which on a saturated 2-core machine is worth a scheduling wait), and
-//!   [`settle`] marks bad ones `Killed` with the reason; then the transaction commits.
+//! * **process**: the pipeline loads, sanitizes and stores the batch in that transaction
+//!   (per-user locks, exact rate limit, one notification per event), and its store
+//!   statement deletes the jobs that got an outcome (the outcome is the notification or the
+//!   `notify.events` row);
+//! * **settle** ([`settle`]): jobs refused by the pipeline become `Killed` with the
+//!   reason; then the transaction commits.
 //!
 //! Invariant: a claimed job's effect (notification, outcome, queue row) commits exactly
 //! once, all together, or not at all. If the worker stops, crashes, loses its connection or
 //! fails a statement, the transaction rolls back and the jobs are claimable again at once
 //! (no heartbeat rescue is involved; a frozen worker's session is ended by
-//! `idle_in_transaction_session_timeout`). A batch that fails with a non-transient error
-//! counts a failed attempt ([`fail`]); after `max_attempts` it stays `Failed` for operators.
-//! In-flight jobs show as `Pending` in `notifyd status` (their lock is not visible as a
-//! state). Nothing here can make the worker exit: claim errors are retried, and payloads
-//! are never decoded by apalis.
+//! `idle_in_transaction_session_timeout`). A batch that fails with an error that is the
+//! data's fault counts a failed attempt ([`fail`]); after `max_attempts` it stays `Failed`
+//! for operators. In-flight jobs show as `Pending` in `notifyd status` (their lock is not
+//! visible as a state). Nothing here can make the worker exit: claim errors are retried,
+//! and payloads are never decoded by apalis.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -47,9 +41,8 @@ use apalis_core::task::Task;
 use futures::{Sink, StreamExt};
 use sqlx::PgPool;
 
-use super::QUEUE;
-use crate::pipeline::{JobError, Outcome};
-use crate::validate::RawJob;
+use crate::contract::QUEUE;
+use crate::pipeline::{Answer, JobRef};
 
 /// One claimed queue job.
 #[derive(Debug, Clone)]
@@ -72,6 +65,26 @@ pub struct ClaimedBatch {
 }
 
 impl ClaimedBatch {
+    /// A batch of `jobs` whose rows `tx` has locked. The worker's claim is [`claim_due`];
+    /// a test may lock rows of its own choosing and hand them to the same processing.
+    pub fn new(tx: sqlx::Transaction<'static, sqlx::Postgres>, jobs: Vec<ClaimedJob>) -> Self {
+        ClaimedBatch {
+            jobs,
+            tx: Arc::new(std::sync::Mutex::new(Some(tx))),
+        }
+    }
+
+    /// The jobs as the pipeline takes them.
+    pub fn refs(&self) -> Vec<JobRef<'_>> {
+        self.jobs
+            .iter()
+            .map(|j| JobRef {
+                id: &j.id,
+                payload: &j.job,
+            })
+            .collect()
+    }
+
     /// The claim's transaction; `None` if it was taken already.
     pub fn take(&self) -> Option<sqlx::Transaction<'static, sqlx::Postgres>> {
         self.tx.lock().ok().and_then(|mut tx| tx.take())
@@ -102,8 +115,8 @@ type NoSink = std::pin::Pin<Box<dyn Sink<Task<ClaimedBatch>, Error = Infallible>
 /// The apalis backend for one worker instance.
 pub type BatchBackend = CustomBackend<ClaimedBatch, Source, ClaimStream, NoSink, ()>;
 
-/// Build the backend. The worker instance must be registered ([`register`]) first, since
-/// `apalis.jobs.lock_by` references `apalis.workers`.
+/// Build the backend. The worker instance must be registered (`maintenance::register`)
+/// first, since `apalis.jobs.lock_by` references `apalis.workers`.
 pub fn backend(source: Source) -> BatchBackend {
     BackendBuilder::new()
         .database(source)
@@ -122,7 +135,8 @@ fn claim_stream(source: Source) -> ClaimStream {
     .boxed()
 }
 
-/// Claim until something comes back. Waits the poll interval after an empty claim, and backs off (jittered, up to 5 s) while the database fails.
+/// Claim until something comes back. Waits the poll interval after an empty claim, and
+/// backs off (jittered, up to 5 s) while the database fails.
 async fn next_batch(source: &Source) -> ClaimedBatch {
     let mut backoff = Duration::from_millis(100);
     loop {
@@ -131,7 +145,7 @@ async fn next_batch(source: &Source) -> ClaimedBatch {
         // In a task of its own, so that a worker stopping mid-claim (dropping this stream)
         // lets the statement finish instead of cutting it off; the claim it returns is then
         // dropped, which rolls it back.
-        let claimed = tokio::spawn(async move { claim(&pool, n).await })
+        let claimed = tokio::spawn(async move { claim_due(&pool, n).await })
             .await
             .unwrap_or_else(|e| Err(sqlx::Error::Protocol(format!("claim task failed: {e}"))));
         match claimed {
@@ -178,7 +192,8 @@ ORDER BY priority DESC, run_at ASC
 LIMIT $2
 FOR UPDATE SKIP LOCKED";
 
-async fn claim(pool: &PgPool, n: usize) -> Result<Option<ClaimedBatch>, sqlx::Error> {
+/// Claim up to `n` due jobs ([`CLAIM`]); `None` when nothing is claimable.
+pub async fn claim_due(pool: &PgPool, n: usize) -> Result<Option<ClaimedBatch>, sqlx::Error> {
     let mut tx = pool.begin().await?;
     let rows: Vec<(String, Vec<u8>, i64)> = sqlx::query(CLAIM)
         .bind(QUEUE)
@@ -193,27 +208,11 @@ async fn claim(pool: &PgPool, n: usize) -> Result<Option<ClaimedBatch>, sqlx::Er
         tx.rollback().await?;
         return Ok(None);
     }
-    Ok(Some(ClaimedBatch {
-        jobs: rows
-            .into_iter()
-            .map(|(id, job, due_ms)| ClaimedJob { id, job, due_ms })
-            .collect(),
-        tx: Arc::new(std::sync::Mutex::new(Some(tx))),
-    }))
-}
-
-/// Register (or refresh) a worker instance in `apalis.workers`, as apalis-postgres does.
-pub async fn register(pool: &PgPool, worker: &str) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "INSERT INTO apalis.workers (id, worker_type, storage_name, layers, last_seen, started_at)
-         VALUES ($1, $2, 'notifyd-batch', '', now(), now())
-         ON CONFLICT (id) DO UPDATE SET last_seen = now(), worker_type = EXCLUDED.worker_type",
-    )
-    .bind(worker)
-    .bind(QUEUE)
-    .execute(pool)
-    .await?;
-    Ok(())
+    let jobs = rows
+        .into_iter()
+        .map(|(id, job, due_ms)| ClaimedJob { id, job, due_ms })
+        .collect();
+    Ok(Some(ClaimedBatch::new(tx, jobs)))
 }
 
 /// Settle the jobs of a processed batch that got no outcome, inside its claim
@@ -225,7 +224,7 @@ pub async fn settle(
     tx: &mut sqlx::PgConnection,
     worker: &str,
     jobs: &[ClaimedJob],
-    answers: &[Result<Outcome, JobError>],
+    answers: &[Answer],
 ) -> Result<u64, sqlx::Error> {
     let mut bad = Vec::new();
     let mut reasons = Vec::new();
@@ -281,9 +280,4 @@ pub async fn fail(
     .await?
     .rows_affected();
     Ok(n)
-}
-
-/// The raw payloads of a batch, for the pipeline.
-pub fn payloads(batch: &ClaimedBatch) -> Vec<RawJob> {
-    batch.jobs.iter().map(|j| RawJob(j.job.clone())).collect()
 }

@@ -1,0 +1,190 @@
+//! Claim: the apalis worker that takes batches of jobs from `apalis.jobs` and runs each
+//! through the pipeline in the claim's own transaction.
+//!
+//! **One claim path.** apalis runs the worker (lifecycle, concurrency, graceful shutdown,
+//! tracing) over a small backend of our own ([`backend`]): one apalis task is one claimed
+//! batch of up to `fetch_batch` jobs, locked with `FOR UPDATE SKIP LOCKED` in a
+//! transaction that also does the batch's whole effect and deletes its finished jobs. The
+//! second mode that used to sit beside it, apalis-postgres's own per-job backend (a claim
+//! `UPDATE`, one task, codec, result layer and JSON ack per job, regrouped into store
+//! transactions by a batcher), was retired: it drained 2x slower on this machine
+//! (BENCHMARKS.md, "Batch mode against per-job mode"), and it doubled the code, the states
+//! to rescue and the test matrix. apalis-postgres still owns the queue schema and its
+//! migrations.
+//!
+//! The rooms:
+//! * [`backend`]: the apalis backend, the claim and every statement on `apalis.jobs`;
+//! * [`task`]: one batch, processed and committed or rolled back ([`Processor`]), and the
+//!   step that tests drive ([`Processor::run_once`]);
+//! * [`maintenance`]: the instance's row in `apalis.workers` (register, heartbeat, stop).
+//!
+//! How it is wired, and why:
+//! * **Queue name** `notifyd.events` ([`crate::contract::QUEUE`]), set explicitly (the
+//!   trigger on `notify.events` writes it).
+//! * **Wake-up**: an interval poll (`--poll-interval-ms`, 10 ms by default) while nothing
+//!   is claimable. Enqueuing sends no NOTIFY: apalis's per-row `notify_workers` trigger is
+//!   disabled (migration `20261201000003_enqueue_without_notify.sql`), because a NOTIFY
+//!   makes every enqueuing transaction take a cluster-wide lock at commit and hold it
+//!   through the commit's flush. The worker warns at start-up
+//!   ([`crate::db::enqueue_notify_triggers`]) if an apalis upgrade has brought it back.
+//! * **No payload can stop the worker**: apalis never decodes one (the task is the batch);
+//!   the pipeline parses the bytes leniently and refuses bad jobs (`Killed`, with the
+//!   reason).
+//! * **Supervision**: [`run`] restarts apalis's worker under a fresh name, with
+//!   exponential backoff and jitter, should it ever end on its own, so nothing short of
+//!   the shutdown signal ends the claim loop.
+//! * **No rescue**: a claim is a row lock, so a dead worker's jobs are claimable the moment
+//!   its sessions end. Rows in the retired mode's states (`Queued`, `Running`), left by a
+//!   per-job worker of an older release, are put back to `Pending` by `notifyd migrate`
+//!   ([`crate::db::reset_retired_claims`]).
+
+pub mod backend;
+pub mod maintenance;
+pub mod task;
+
+use std::time::{Duration, Instant};
+
+use apalis::prelude::*;
+use metrics::counter;
+use sqlx::PgPool;
+use tokio::sync::watch;
+use tracing::Instrument;
+
+use crate::telemetry::series;
+pub use task::{Processor, Step};
+
+/// How the claim loop is tuned.
+#[derive(Debug, Clone)]
+pub struct ClaimSettings {
+    /// Batches in flight at once (each holds a connection from its claim to its commit).
+    pub concurrency: usize,
+    /// Most jobs in one batch, and so in one transaction.
+    pub fetch_batch: usize,
+    /// How long the claim stream waits after an empty claim.
+    pub poll_interval: Duration,
+    /// Worker heartbeat in `apalis.workers` (shown by `notifyd status`).
+    pub heartbeat: Duration,
+    /// Heartbeats a worker may miss before `notifyd status` shows it gone.
+    pub missed_heartbeats: usize,
+    /// Prefix of the worker name in `apalis.workers`.
+    pub name: String,
+}
+
+impl ClaimSettings {
+    /// How long a worker may be silent before it counts as gone.
+    pub fn silent_after(&self) -> Duration {
+        self.heartbeat * self.missed_heartbeats as u32
+    }
+}
+
+/// How the claim loop ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stopped {
+    /// On the signal, after every batch in flight finished.
+    Drained,
+    /// At the drain deadline, with batches still in flight: their transactions rolled
+    /// back, so their jobs are back in the queue for other replicas.
+    RolledBack,
+}
+
+/// Run the worker until `shutdown` turns true. Once it does, apalis stops claiming and
+/// lets the batches in flight finish; if that takes longer than `drain`, the worker is
+/// dropped, which rolls their transactions back.
+pub async fn run(
+    pool: PgPool,
+    settings: ClaimSettings,
+    processor: Processor,
+    mut shutdown: watch::Receiver<bool>,
+    drain: Option<Duration>,
+) -> Stopped {
+    let mut restarts: u32 = 0;
+    let mut backoff = Duration::from_millis(250);
+    loop {
+        if *shutdown.borrow() {
+            return Stopped::Drained;
+        }
+        let name = format!("{}-{}", settings.name, restarts);
+        let span = tracing::info_span!("worker", worker = %name);
+        if let Err(e) = maintenance::register(&pool, &name).await {
+            span.in_scope(|| tracing::warn!(error = %e, "cannot register the worker; retrying"));
+            let wait = backoff.mul_f64(0.5 + fastrand::f64());
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = shutdown.wait_for(|s| *s) => return Stopped::Drained,
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(10));
+            continue;
+        }
+        let backend = backend::backend(backend::Source {
+            pool: pool.clone(),
+            fetch_batch: settings.fetch_batch,
+            poll_interval: settings.poll_interval,
+        });
+        let worker = WorkerBuilder::new(name.clone())
+            .backend(backend)
+            .concurrency(settings.concurrency)
+            .data(processor.renamed(&name))
+            .build(task::handle_batch);
+        let mut stop = shutdown.clone();
+        // Boxed as a `'static + Send` future, which also spares the compiler a proof it
+        // cannot finish (higher-ranked lifetimes of apalis's worker future).
+        let running: futures::future::BoxFuture<'static, Result<(), WorkerError>> =
+            Box::pin(worker.run_until(async move {
+                let _ = stop.wait_for(|s| *s).await;
+                Ok::<(), std::io::Error>(())
+            }));
+        let running = running.instrument(span.clone());
+
+        let beat = tokio::spawn(
+            maintenance::heartbeat(pool.clone(), name.clone(), settings.heartbeat)
+                .instrument(span.clone()),
+        );
+        let started = Instant::now();
+        span.in_scope(|| tracing::info!("worker started"));
+        let mut deadline = shutdown.clone();
+        let drain_deadline = async move {
+            let _ = deadline.wait_for(|s| *s).await;
+            match drain {
+                Some(d) => tokio::time::sleep(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        let result = tokio::select! {
+            r = running => Some(r),
+            _ = drain_deadline => None,
+        };
+        beat.abort();
+        maintenance::mark_stopped(&pool, &name, settings.silent_after()).await;
+        match result {
+            None => {
+                span.in_scope(|| {
+                    tracing::warn!(
+                        drain_secs = drain.unwrap_or_default().as_secs_f64(),
+                        "batches still in flight at the shutdown deadline: rolled back, \
+                         their jobs are back in the queue"
+                    )
+                });
+                return Stopped::RolledBack;
+            }
+            Some(Ok(())) if *shutdown.borrow() => {
+                span.in_scope(|| tracing::info!("worker stopped"));
+                return Stopped::Drained;
+            }
+            Some(Ok(())) => span.in_scope(|| tracing::warn!("worker ended on its own; restarting")),
+            Some(Err(e)) => {
+                span.in_scope(|| tracing::error!(error = %e, "worker failed; restarting"))
+            }
+        }
+        counter!(series::WORKER_RESTARTS).increment(1);
+        if started.elapsed() > Duration::from_secs(60) {
+            backoff = Duration::from_millis(250);
+        }
+        let wait = backoff.mul_f64(0.5 + fastrand::f64());
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = shutdown.wait_for(|s| *s) => return Stopped::Drained,
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(10));
+        restarts += 1;
+    }
+}

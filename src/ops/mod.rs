@@ -1,0 +1,249 @@
+//! Operator commands: `notifyd status` and `notifyd jobs stats|failed|show|retry|discard|settings`.
+//!
+//! Every command reads or changes the queue of `notifyd.events` only, prints aligned text
+//! for a human (or JSON with `--json`), and exits non-zero when it could not do all it was
+//! asked. This module holds the arguments and the commands; the statements are in
+//! [`queries`] (the worker's metrics loop reads the same counts), the text in [`render`].
+//!
+//! Vocabulary (what operators see, mapped onto apalis's states):
+//! * **pending**: waiting to be claimed (`Pending`; `scheduled` ones are not due yet). A
+//!   batch in flight is invisible as a state (its claim is a row lock), so its jobs count
+//!   as pending until it commits;
+//! * **claimed** (`Queued`), **running** (`Running`): states of the retired per-job mode,
+//!   shown should an older release's worker have left any (`notifyd migrate` puts them
+//!   back to pending);
+//! * **retry wait**: failed with attempts left (`Failed`, attempts < max), due again after a
+//!   backoff;
+//! * **failed**: final, kept with the reason until retention deletes it: refused (`Killed`:
+//!   a bad payload or a missing event, never retried) or exhausted (`Failed` at the attempt
+//!   limit). `jobs retry` puts them back; `jobs discard` deletes them;
+//! * **depth** = pending + claimed + running + retry wait; **lag** = age of the oldest job
+//!   that is due and not claimed.
+
+pub mod queries;
+pub mod render;
+
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{ArgGroup, Args, Subcommand};
+use sqlx::PgPool;
+
+use crate::contract::QUEUE;
+use queries::{
+    discard_failed, event, failed_jobs, job, queue_stats, recent_outcomes, retry_failed,
+    retry_settings, set_retry_settings, status,
+};
+use render::{
+    plural, render_failed, render_job, render_outcomes, render_queue, render_settings,
+    render_status,
+};
+
+/// Worker liveness: the worker's heartbeat settings, and how the status command tells
+/// live workers from dead ones. One definition for both, so that they agree when they
+/// share an environment.
+#[derive(Debug, Clone, Args)]
+pub struct LivenessArgs {
+    /// Seconds between worker heartbeats.
+    #[arg(long, env = "NOTIFYD_HEARTBEAT_SECS", default_value_t = 5,
+          value_parser = clap::value_parser!(u64).range(1..=300))]
+    pub heartbeat_secs: u64,
+
+    /// Heartbeats a worker may miss before `notifyd status` shows it gone (heartbeat × this).
+    #[arg(long, env = "NOTIFYD_MISSED_HEARTBEATS", default_value_t = 4,
+          value_parser = clap::value_parser!(u64).range(2..=100))]
+    pub missed_heartbeats: u64,
+}
+
+impl LivenessArgs {
+    pub fn silent_after(&self) -> Duration {
+        Duration::from_secs(self.heartbeat_secs * self.missed_heartbeats)
+    }
+}
+
+/// `notifyd status`.
+#[derive(Debug, Clone, Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub liveness: LivenessArgs,
+
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `notifyd jobs ...`.
+#[derive(Debug, Clone, Args)]
+pub struct JobsArgs {
+    #[command(subcommand)]
+    pub command: JobsCommand,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum JobsCommand {
+    /// Queue counts by state, depth, lag, and event outcomes over the last hour.
+    Stats {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List failed jobs (refused, or out of attempts), newest first, with their reason.
+    Failed {
+        /// Most jobs listed.
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(i64).range(1..=100_000))]
+        limit: i64,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one job (any state) and its event.
+    Show {
+        /// The job id (a ULID, as listed by `jobs failed`).
+        id: String,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Put failed jobs back in the queue, with their attempts reset.
+    Retry(Selection),
+    /// Delete failed jobs for good (their events keep no outcome).
+    Discard(Selection),
+    /// Show the retry policy, or change it (applies to events enqueued and failures recorded
+    /// from now on; no restart needed).
+    Settings(SettingsArgs),
+}
+
+/// Which failed jobs a bulk command acts on.
+#[derive(Debug, Clone, Args)]
+#[command(group(ArgGroup::new("which").required(true).args(["ids", "all"])))]
+pub struct Selection {
+    /// Job ids, as listed by `jobs failed`.
+    pub ids: Vec<String>,
+    /// Every failed job.
+    #[arg(long)]
+    pub all: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct SettingsArgs {
+    /// Attempts per job before it is failed for good (1-100).
+    #[arg(long, value_parser = clap::value_parser!(i32).range(1..=100))]
+    pub max_attempts: Option<i32>,
+    /// Delay before the first retry, in seconds; it doubles with each attempt.
+    #[arg(long)]
+    pub retry_base_secs: Option<f64>,
+    /// Longest delay between retries, in seconds.
+    #[arg(long)]
+    pub retry_max_secs: Option<f64>,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `notifyd status`.
+pub async fn run_status(pool: &PgPool, args: &StatusArgs) -> anyhow::Result<()> {
+    let status = status(pool, args.liveness.silent_after()).await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+    } else {
+        print!("{}", render_status(&status));
+    }
+    Ok(())
+}
+
+/// `notifyd jobs ...`.
+pub async fn run_jobs(pool: &PgPool, args: &JobsArgs) -> anyhow::Result<()> {
+    match &args.command {
+        JobsCommand::Stats { json } => {
+            let stats = queue_stats(pool).await?;
+            let outcomes = recent_outcomes(pool).await?;
+            if *json {
+                let value = serde_json::json!({
+                    "queue": QUEUE, "depth": stats.depth(), "jobs": stats,
+                    "events_last_hour": outcomes,
+                });
+                println!("{}", serde_json::to_string_pretty(&value)?);
+            } else {
+                let mut out = render_queue(&stats);
+                out.push('\n');
+                out.push_str(&render_outcomes(&outcomes));
+                print!("{out}");
+            }
+        }
+        JobsCommand::Failed { limit, json } => {
+            let (jobs, total) = failed_jobs(pool, *limit).await?;
+            if *json {
+                let value = serde_json::json!({ "total": total, "jobs": jobs });
+                println!("{}", serde_json::to_string_pretty(&value)?);
+            } else {
+                print!("{}", render_failed(&jobs, total));
+            }
+        }
+        JobsCommand::Show { id, json } => {
+            let job = job(pool, id).await?.with_context(|| {
+                format!(
+                    "no job {id} in queue {QUEUE} (a finished job is deleted with its \
+                         outcome recorded: see notify.event_outcomes for its event)"
+                )
+            })?;
+            let event = match job.event_id {
+                Some(e) => event(pool, e).await?,
+                None => None,
+            };
+            if *json {
+                let value = serde_json::json!({ "job": job, "event": event });
+                println!("{}", serde_json::to_string_pretty(&value)?);
+            } else {
+                print!("{}", render_job(&job, event.as_ref()));
+            }
+        }
+        JobsCommand::Retry(sel) | JobsCommand::Discard(sel) => {
+            let retry = matches!(args.command, JobsCommand::Retry(_));
+            let ids = (!sel.all).then_some(sel.ids.as_slice());
+            let changed = if retry {
+                retry_failed(pool, ids).await?
+            } else {
+                discard_failed(pool, ids).await?
+            };
+            let verb = if retry { "retried" } else { "discarded" };
+            println!(
+                "{verb} {} failed job{}",
+                changed.len(),
+                plural(changed.len())
+            );
+            for id in &changed {
+                println!("  {id}");
+            }
+            if let Some(ids) = ids {
+                let missing: Vec<&String> = ids.iter().filter(|id| !changed.contains(id)).collect();
+                if !missing.is_empty() {
+                    for id in &missing {
+                        eprintln!(
+                            "  {id}: not a failed job of {QUEUE} (see `notifyd jobs failed`)"
+                        );
+                    }
+                    anyhow::bail!(
+                        "{} of the {} jobs named were not failed jobs",
+                        missing.len(),
+                        ids.len()
+                    );
+                }
+            }
+        }
+        JobsCommand::Settings(s) => {
+            if s.max_attempts.is_some() || s.retry_base_secs.is_some() || s.retry_max_secs.is_some()
+            {
+                set_retry_settings(pool, s.max_attempts, s.retry_base_secs, s.retry_max_secs)
+                    .await
+                    .context("cannot change the retry policy (base must be in (0, 3600] s, max in [base, 86400] s)")?;
+            }
+            let settings = retry_settings(pool).await?;
+            if s.json {
+                println!("{}", serde_json::to_string_pretty(&settings)?);
+            } else {
+                print!("{}", render_settings(&settings));
+            }
+        }
+    }
+    Ok(())
+}
