@@ -18,8 +18,6 @@ use serde::{Serialize, Serializer};
 use sqlx::postgres::PgRow;
 use sqlx::{PgPool, Row};
 
-#[cfg(doc)]
-use super::api::Notification;
 use super::connections::ReadPool;
 use super::rfc3339;
 use super::watermark::Snapshot;
@@ -169,7 +167,7 @@ pub async fn page_with_snapshot(
 
 /// The notifications of a page as the database sent them, written straight into the
 /// response (no per-row structs, no string copies). Columns `first..first + 6` of each
-/// row are the [`Notification`] fields, in the order of the queries above.
+/// row are the [`super::api::Notification`] fields, in the order of the queries above.
 #[derive(Default)]
 pub struct PageRows {
     rows: Vec<PgRow>,
