@@ -171,14 +171,44 @@ async fn every_bad_token_is_a_401_with_json() {
         "invalid_token"
     );
 
-    // Claims: missing sub, non-string or empty or odd sub, missing exp, future nbf.
+    // The user claim (`sub` here): missing, not a string or an integer, empty, odd.
     for claims in [
         json!({"exp": now + 600}),
-        json!({"sub": 42, "exp": now + 600}),
+        json!({"sub": 4.2, "exp": now + 600}),
+        json!({"sub": 42.0, "exp": now + 600}),
+        json!({"sub": true, "exp": now + 600}),
         json!({"sub": "", "exp": now + 600}),
         json!({"sub": null, "exp": now + 600}),
         json!({"sub": "a b", "exp": now + 600}),
         json!({"sub": "x".repeat(129), "exp": now + 600}),
+    ] {
+        let t = hs256(SECRET.as_bytes(), &claims);
+        assert_eq!(
+            rejected(&s, Some(&format!("Bearer {t}"))).await,
+            "invalid_user_claim",
+            "{claims}"
+        );
+    }
+    // An object or array `sub` already fails jsonwebtoken's own parse of `sub`.
+    for claims in [
+        json!({"sub": {"id": 1}, "exp": now + 600}),
+        json!({"sub": ["alice"], "exp": now + 600}),
+    ] {
+        let t = hs256(SECRET.as_bytes(), &claims);
+        let code = rejected(&s, Some(&format!("Bearer {t}"))).await;
+        assert!(
+            ["invalid_token", "invalid_user_claim"].contains(&code.as_str()),
+            "{claims}: {code}"
+        );
+    }
+    // A numeric `sub` (older PyJWT, many Node backends) is its decimal text.
+    add(&s.db, "42", 3).await;
+    let numeric = hs256(SECRET.as_bytes(), &json!({"sub": 42, "exp": now + 600}));
+    let page = s.page(PATH, &numeric).await;
+    assert_eq!(page["notifications"].as_array().unwrap().len(), 3);
+
+    // Missing exp, future nbf, an audience nobody configured.
+    for claims in [
         json!({"sub": "alice"}),
         json!({"sub": "alice", "exp": "tomorrow"}),
         json!({"sub": "alice", "exp": now + 600, "nbf": now + 300}),
@@ -257,7 +287,7 @@ async fn rs256_key_rejects_algorithm_confusion() {
     );
     assert_eq!(
         rejected(&s, Some(&format!("Bearer {no_sub}"))).await,
-        "invalid_token"
+        "invalid_user_claim"
     );
 }
 
