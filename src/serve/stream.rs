@@ -145,7 +145,7 @@ fn last_event_id(headers: &HeaderMap) -> Result<Option<i64>, ApiError> {
         (status = 200, description = "A Server-Sent Events stream. It opens with `retry: 3000`; each notification is an event with `id: <id>`, `event: notification` and `data: <a Notification as JSON>`, in ascending id order; `: heartbeat` comments keep it alive. It ends on server shutdown: reconnect with `Last-Event-ID`.",
          content_type = "text/event-stream", body = StreamEvent),
         (status = 400, description = "Invalid or unknown parameter, both a header and a query token, or a cursor never issued to this user (`invalid_cursor`)", body = ErrorBody),
-        (status = 401, description = "Missing, malformed, expired or unverifiable token", body = ErrorBody,
+        (status = 401, description = "Missing, malformed, expired or unverifiable token, no user in its user claim (`invalid_user_claim`), or not an access token (`token_claim_mismatch`)", body = ErrorBody,
          headers(("WWW-Authenticate" = String, description = "Bearer challenge (RFC 6750)"))),
         (status = 410, description = "`cursor_expired`: notifications after the cursor were deleted before the client saw them; reconnect without a cursor", body = ErrorBody),
         (status = 429, description = "Per-user request limit (`rate_limited`) or per-user stream cap (`too_many_streams`) reached", body = ErrorBody,
