@@ -429,6 +429,27 @@ async fn two_secrets_during_a_rotation() {
         rejected(&s, Some(&format!("Bearer {other}"))).await,
         "invalid_token"
     );
+    // alg: none and another HMAC size still fail with several keys (the header is read
+    // first then).
+    let none = format!(
+        "{}.{}.",
+        b64(&json!({"alg": "none", "typ": "JWT"})),
+        b64(&valid_claims("alice"))
+    );
+    assert_eq!(
+        rejected(&s, Some(&format!("Bearer {none}"))).await,
+        "invalid_token"
+    );
+    let hs512 = jsonwebtoken::encode(
+        &Header::new(Algorithm::HS512),
+        &valid_claims("alice"),
+        &EncodingKey::from_secret(old.as_bytes()),
+    )
+    .unwrap();
+    assert_eq!(
+        rejected(&s, Some(&format!("Bearer {hs512}"))).await,
+        "invalid_token"
+    );
     // An expired token under the old secret says so.
     let expired = hs256(
         old.as_bytes(),

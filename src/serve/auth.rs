@@ -749,6 +749,31 @@ mod tests {
                 "{text}: {e}"
             );
         }
+        // One key with a kid: a token naming another kid is refused, one naming none is
+        // checked against it.
+        let v = Verifier::from_args(&jwks(
+            "one.json",
+            &serde_json::json!({ "keys": [rsa.clone()] }).to_string(),
+        ))
+        .unwrap();
+        let pem = std::fs::read(fixture("serve_rsa_private.pem")).unwrap();
+        let signed = |kid: Option<&str>| {
+            let mut header = Header::new(Algorithm::RS256);
+            header.kid = kid.map(str::to_owned);
+            jsonwebtoken::encode(
+                &header,
+                &serde_json::json!({"sub": "u1", "exp": in_a_minute()}),
+                &EncodingKey::from_rsa_pem(&pem).unwrap(),
+            )
+            .unwrap()
+        };
+        assert_eq!(
+            v.verify(&signed(Some("rsa-2026-01"))).unwrap().as_str(),
+            "u1"
+        );
+        assert_eq!(v.verify(&signed(None)).unwrap().as_str(), "u1");
+        assert_eq!(v.verify(&signed(Some("other"))), Err(AuthFailure::Invalid));
+
         let mut missing = args(None);
         missing.jwt_jwks_file = Some(dir.join("missing.json"));
         let e = error(&missing);

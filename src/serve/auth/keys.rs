@@ -53,13 +53,11 @@ impl KeySet {
         let secrets = args.secret().is_some() || args.previous_secrets_set();
         let pems = args.jwt_public_key.is_some() || !args.jwt_previous_public_keys.is_empty();
         let jwks = args.jwt_jwks_file.is_some();
-        let keys = match (secrets, pems, jwks) {
-            (true, false, false) => load_secrets(args)?,
-            (false, true, false) => load_pems(args)?,
-            (false, false, true) => {
-                load_jwks(args.jwt_jwks_file.as_deref().unwrap_or(Path::new("")))?
-            }
-            (false, false, false) => anyhow::bail!(
+        let keys = match (secrets, pems, &args.jwt_jwks_file) {
+            (true, false, None) => load_secrets(args)?,
+            (false, true, None) => load_pems(args)?,
+            (false, false, Some(path)) => load_jwks(path)?,
+            (false, false, None) => anyhow::bail!(
                 "no JWT key is configured: set exactly one of NOTIFYD_JWT_SECRET (HS256), \
                  NOTIFYD_JWT_PUBLIC_KEY (a PEM public key, RS256 or ES256) and \
                  NOTIFYD_JWT_JWKS_FILE (a JWKS file)"
@@ -87,10 +85,11 @@ impl KeySet {
         &self.keys
     }
 
-    /// The only key, when there is one: no need to read the header first.
+    /// The only key, when there is one and it has no `kid`: no need to read the header
+    /// first (`decode` checks the algorithm itself).
     pub fn single(&self) -> Option<&Key> {
         match self.keys.as_slice() {
-            [key] => Some(key),
+            [key] if key.kid.is_none() => Some(key),
             _ => None,
         }
     }
