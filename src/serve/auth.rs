@@ -69,8 +69,8 @@ pub struct JwtArgs {
 
     /// Paths of older PEM public keys still accepted during a key rotation,
     /// comma-separated. Needs NOTIFYD_JWT_PUBLIC_KEY.
-    #[arg(long, env = "NOTIFYD_JWT_PREVIOUS_PUBLIC_KEYS", value_delimiter = ',')]
-    pub jwt_previous_public_keys: Vec<PathBuf>,
+    #[arg(long, env = "NOTIFYD_JWT_PREVIOUS_PUBLIC_KEYS")]
+    pub jwt_previous_public_keys: Option<String>,
 
     /// Path of a JWKS file (RFC 7517 JSON: `{"keys": [...]}`) of RSA or EC P-256 public
     /// keys, chosen by the token's `kid`. Read at startup. Set exactly one of this,
@@ -118,7 +118,7 @@ impl Default for JwtArgs {
             jwt_secret: None,
             jwt_previous_secrets: None,
             jwt_public_key: None,
-            jwt_previous_public_keys: Vec::new(),
+            jwt_previous_public_keys: None,
             jwt_jwks_file: None,
             jwt_user_claim: "sub".to_owned(),
             jwt_require: None,
@@ -164,6 +164,14 @@ impl JwtArgs {
         self.jwt_previous_secrets
             .as_deref()
             .is_some_and(|s| !s.trim().is_empty())
+    }
+
+    /// The older public keys' paths, as given (empty entries kept, to be refused).
+    fn previous_public_keys(&self) -> Vec<&str> {
+        match self.jwt_previous_public_keys.as_deref() {
+            Some(list) if !list.trim().is_empty() => list.split(',').map(str::trim).collect(),
+            _ => Vec::new(),
+        }
     }
 
     fn issuer(&self) -> Option<&str> {
@@ -664,32 +672,44 @@ mod tests {
     fn previous_public_keys() {
         let mut a = args(None);
         a.jwt_public_key = Some(fixture("serve_rsa2_public.pem"));
-        a.jwt_previous_public_keys = vec![
+        let list = |paths: &[PathBuf]| {
+            Some(
+                paths
+                    .iter()
+                    .map(|p| p.to_str().unwrap())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            )
+        };
+        a.jwt_previous_public_keys = list(&[
             fixture("serve_rsa_public.pem"),
             fixture("serve_ec_public.pem"),
-        ];
+        ]);
         let v = Verifier::from_args(&a).unwrap();
         assert_eq!(
             v.algorithms(),
             [Algorithm::RS256, Algorithm::RS256, Algorithm::ES256]
         );
-        a.jwt_previous_public_keys = vec![fixture("serve_rsa_public.pem"), PathBuf::new()];
+        a.jwt_previous_public_keys = list(&[fixture("serve_rsa_public.pem"), PathBuf::new()]);
         let e = error(&a);
         assert!(
             e.contains("NOTIFYD_JWT_PREVIOUS_PUBLIC_KEYS") && e.contains("path 2 of 2 is empty"),
             "{e}"
         );
-        a.jwt_previous_public_keys = vec![fixture("serve_rsa_private.pem")];
+        a.jwt_previous_public_keys = list(&[fixture("serve_rsa_private.pem")]);
         let e = error(&a);
         assert!(
             e.contains("NOTIFYD_JWT_PREVIOUS_PUBLIC_KEYS") && e.contains("private key"),
             "{e}"
         );
-        a.jwt_previous_public_keys = vec![fixture("missing.pem")];
+        a.jwt_previous_public_keys = list(&[fixture("missing.pem")]);
         assert!(error(&a).contains("cannot read NOTIFYD_JWT_PREVIOUS_PUBLIC_KEYS"));
         let mut no_primary = args(None);
-        no_primary.jwt_previous_public_keys = vec![fixture("serve_rsa_public.pem")];
+        no_primary.jwt_previous_public_keys = list(&[fixture("serve_rsa_public.pem")]);
         assert!(error(&no_primary).contains("without NOTIFYD_JWT_PUBLIC_KEY"));
+        // Set but blank is unset.
+        a.jwt_previous_public_keys = Some(" ".into());
+        assert_eq!(Verifier::from_args(&a).unwrap().algorithms().len(), 1);
     }
 
     #[test]

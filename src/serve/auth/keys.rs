@@ -51,7 +51,7 @@ impl KeySet {
     /// Load the configured keys; the error names the variable at fault.
     pub fn load(args: &JwtArgs) -> anyhow::Result<Self> {
         let secrets = args.secret().is_some() || args.previous_secrets_set();
-        let pems = args.jwt_public_key.is_some() || !args.jwt_previous_public_keys.is_empty();
+        let pems = args.jwt_public_key.is_some() || !args.previous_public_keys().is_empty();
         let jwks = args.jwt_jwks_file.is_some();
         let keys = match (secrets, pems, &args.jwt_jwks_file) {
             (true, false, None) => load_secrets(args)?,
@@ -164,15 +164,19 @@ fn load_pems(args: &JwtArgs) -> anyhow::Result<Vec<Key>> {
         )
     })?;
     let mut keys = vec![load_pem(primary, "NOTIFYD_JWT_PUBLIC_KEY")?];
-    let total = args.jwt_previous_public_keys.len();
-    for (i, path) in args.jwt_previous_public_keys.iter().enumerate() {
+    let paths = args.previous_public_keys();
+    let total = paths.len();
+    for (i, path) in paths.into_iter().enumerate() {
         let n = i + 1;
         anyhow::ensure!(
-            !path.as_os_str().is_empty(),
+            !path.is_empty(),
             "NOTIFYD_JWT_PREVIOUS_PUBLIC_KEYS: path {n} of {total} is empty (two commas in a \
              row, or a trailing comma?); list the older keys' files comma-separated"
         );
-        keys.push(load_pem(path, "NOTIFYD_JWT_PREVIOUS_PUBLIC_KEYS")?);
+        keys.push(load_pem(
+            Path::new(path),
+            "NOTIFYD_JWT_PREVIOUS_PUBLIC_KEYS",
+        )?);
     }
     ensure_few(keys.len(), "NOTIFYD_JWT_PREVIOUS_PUBLIC_KEYS")?;
     Ok(keys)
