@@ -669,3 +669,81 @@ fn serve_refuses_to_start_with_bad_jwt_settings() {
         );
     }
 }
+
+/// A JWKS file is re-read on SIGHUP: a key published there is accepted without a
+/// restart, and a broken file changes nothing.
+#[tokio::test]
+async fn jwks_is_reread_on_sighup() {
+    let jwks: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("serve_jwks.json")).unwrap())
+            .unwrap();
+    let dir = std::env::temp_dir().join(format!("notifyd-sighup-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("jwks.json");
+    let write = |keys: &[&Value]| {
+        std::fs::write(&path, json!({ "keys": keys }).to_string()).unwrap();
+    };
+    write(&[&jwks["keys"][0]]);
+    let mut a = args();
+    a.jwt.jwt_secret = None;
+    a.jwt.jwt_jwks_file = Some(path.clone());
+    let s = Server::start_with(TestDb::new().await, a).await;
+    add(&s.db, "alice", 1).await;
+    let old = rs256_with(
+        "serve_rsa_private.pem",
+        Some("rsa-2026-01"),
+        &valid_claims("alice"),
+    );
+    let new = rs256_with(
+        "serve_rsa2_private.pem",
+        Some("rsa-2026-02"),
+        &valid_claims("alice"),
+    );
+    s.page(PATH, &old).await;
+    assert_eq!(
+        rejected(&s, Some(&format!("Bearer {new}"))).await,
+        "invalid_token"
+    );
+
+    let hangup = |s: &Server| {
+        let before = s.state.verifier().jwks_reloads();
+        let status = std::process::Command::new("kill")
+            .args(["-HUP", &std::process::id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        before
+    };
+    let reread = |s: &Server, before: u64| {
+        let v = s.state.clone();
+        serve_support::eventually(std::time::Duration::from_secs(10), move || {
+            let done = v.verifier().jwks_reloads() > before;
+            async move { done.then_some(()) }
+        })
+    };
+
+    // Publish the new key: both are accepted.
+    write(&[&jwks["keys"][0], &jwks["keys"][1]]);
+    let before = hangup(&s);
+    reread(&s, before).await;
+    s.page(PATH, &old).await;
+    s.page(PATH, &new).await;
+
+    // A broken file keeps the keys in use.
+    std::fs::write(&path, "{ broken").unwrap();
+    let before = hangup(&s);
+    reread(&s, before).await;
+    s.page(PATH, &old).await;
+    s.page(PATH, &new).await;
+
+    // Retire the old key.
+    write(&[&jwks["keys"][1]]);
+    let before = hangup(&s);
+    reread(&s, before).await;
+    s.page(PATH, &new).await;
+    assert_eq!(
+        rejected(&s, Some(&format!("Bearer {old}"))).await,
+        "invalid_token"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

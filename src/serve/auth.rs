@@ -23,7 +23,9 @@ mod claims;
 mod keys;
 
 use std::borrow::Cow;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
@@ -73,7 +75,8 @@ pub struct JwtArgs {
     pub jwt_previous_public_keys: Option<String>,
 
     /// Path of a JWKS file (RFC 7517 JSON: `{"keys": [...]}`) of RSA or EC P-256 public
-    /// keys, chosen by the token's `kid`. Read at startup. Set exactly one of this,
+    /// keys, chosen by the token's `kid`. Read at startup and again on SIGHUP (a file
+    /// that fails the checks then is ignored). Set exactly one of this,
     /// NOTIFYD_JWT_SECRET and NOTIFYD_JWT_PUBLIC_KEY.
     #[arg(long, env = "NOTIFYD_JWT_JWKS_FILE")]
     pub jwt_jwks_file: Option<PathBuf>,
@@ -249,8 +252,12 @@ impl UserId {
 
 /// Verifies bearer tokens with the configured keys and claim rules.
 pub struct Verifier {
-    keys: KeySet,
-    /// The checks, one per algorithm among the keys (each allows that algorithm only).
+    /// Swapped whole when the JWKS file is re-read ([`Verifier::reload_jwks`]).
+    keys: RwLock<Arc<KeySet>>,
+    jwks_file: Option<PathBuf>,
+    /// Re-reads of the JWKS file so far, failed ones included.
+    jwks_reloads: AtomicU64,
+    /// The checks, one per algorithm notifyd accepts (each allows that algorithm only).
     validations: Vec<Validation>,
     leeway: u64,
     user_claim: UserClaim,
@@ -294,16 +301,19 @@ impl Verifier {
         // With no audience configured, a token that carries `aud` is rejected: RFC 7519
         // §4.1.3 says a recipient that cannot find itself in `aud` must reject the token.
         validation.set_required_spec_claims(&required);
-        let mut validations: Vec<Validation> = Vec::new();
-        for key in keys.keys() {
-            if validations.iter().all(|v| v.algorithms != [key.algorithm]) {
+        // One per algorithm any key can have, so that a re-read JWKS may bring new ones.
+        let validations = [Algorithm::HS256, Algorithm::RS256, Algorithm::ES256]
+            .into_iter()
+            .map(|algorithm| {
                 let mut v = validation.clone();
-                v.algorithms = vec![key.algorithm];
-                validations.push(v);
-            }
-        }
+                v.algorithms = vec![algorithm];
+                v
+            })
+            .collect();
         Ok(Verifier {
-            keys,
+            keys: RwLock::new(Arc::new(keys)),
+            jwks_file: args.jwt_jwks_file.clone(),
+            jwks_reloads: AtomicU64::new(0),
             validations,
             leeway: args.jwt_leeway_secs,
             user_claim,
@@ -314,7 +324,43 @@ impl Verifier {
 
     /// The algorithm of each configured key, in order.
     pub fn algorithms(&self) -> Vec<Algorithm> {
-        self.keys.keys().iter().map(|k| k.algorithm).collect()
+        self.keys().keys().iter().map(|k| k.algorithm).collect()
+    }
+
+    fn keys(&self) -> Arc<KeySet> {
+        // A poisoned lock still holds a whole key set: swaps replace it in one step.
+        self.keys
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    /// The JWKS file, when the keys come from one.
+    pub fn jwks_file(&self) -> Option<&Path> {
+        self.jwks_file.as_deref()
+    }
+
+    /// Re-read the JWKS file (on SIGHUP, [`reload_on_sighup`]). A file that fails the
+    /// startup checks changes nothing: the keys in use stay, and the error is returned.
+    /// Returns the number of keys now in use.
+    pub fn reload_jwks(&self) -> anyhow::Result<usize> {
+        let Some(path) = &self.jwks_file else {
+            anyhow::bail!("no NOTIFYD_JWT_JWKS_FILE to re-read");
+        };
+        let loaded = KeySet::load_jwks(path);
+        self.jwks_reloads.fetch_add(1, Ordering::Relaxed);
+        let keys = loaded?;
+        let n = keys.keys().len();
+        *self
+            .keys
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Arc::new(keys);
+        Ok(n)
+    }
+
+    /// How many times the JWKS file was re-read, failed attempts included.
+    pub fn jwks_reloads(&self) -> u64 {
+        self.jwks_reloads.load(Ordering::Relaxed)
     }
 
     /// The claim that names the user.
@@ -358,12 +404,13 @@ impl Verifier {
     /// The verified payload: signature (by a key of the token's algorithm), times, `iss`
     /// and `aud`.
     fn decode(&self, token: &str) -> Result<Map<String, Value>, AuthFailure> {
-        if let Some(key) = self.keys.single() {
+        let keys = self.keys();
+        if let Some(key) = keys.single() {
             return self.decode_with(token, key).map_err(reason);
         }
         let header = jsonwebtoken::decode_header(token).map_err(|e| reason(e.into_kind()))?;
         let mut last = ErrorKind::InvalidSignature;
-        for key in self.keys.candidates(&header) {
+        for key in keys.candidates(&header) {
             match self.decode_with(token, key) {
                 // Not this key: try the next one.
                 Err(ErrorKind::InvalidSignature) => last = ErrorKind::InvalidSignature,
@@ -410,6 +457,45 @@ fn reason(kind: ErrorKind) -> AuthFailure {
             AuthFailure::Invalid
         }
     }
+}
+
+/// With a JWKS file, re-read it on every SIGHUP until shutdown (a new key can be published
+/// without a restart); otherwise `None`, and SIGHUP keeps its default meaning. The signal
+/// handler is installed before this returns.
+pub fn reload_on_sighup(
+    state: &AppState,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+) -> Option<tokio::task::JoinHandle<()>> {
+    let path = state.verifier().jwks_file()?.to_owned();
+    let mut hangups = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGHUP: the JWKS file is read at startup only");
+            return None;
+        }
+    };
+    let state = state.clone();
+    Some(tokio::spawn(async move {
+        let stop = crate::shutdown::wait(shutdown);
+        tokio::pin!(stop);
+        loop {
+            tokio::select! {
+                got = hangups.recv() => {
+                    if got.is_none() {
+                        return;
+                    }
+                    match state.verifier().reload_jwks() {
+                        Ok(keys) => tracing::info!(path = %path.display(), keys, "re-read NOTIFYD_JWT_JWKS_FILE"),
+                        Err(e) => tracing::error!(
+                            error = %format!("{e:#}"),
+                            "SIGHUP: NOTIFYD_JWT_JWKS_FILE not re-read, the keys in use stay"
+                        ),
+                    }
+                }
+                _ = &mut stop => return,
+            }
+        }
+    }))
 }
 
 /// The authenticated user of a request, within its per-user request limit. Handlers that

@@ -438,6 +438,7 @@ impl Service {
             listen_pool,
             shutdown.clone(),
         ));
+        let reloader = auth::reload_on_sighup(&state, shutdown.clone());
         let sweeper = {
             let state = state.clone();
             let stop = crate::shutdown::wait(shutdown);
@@ -459,7 +460,10 @@ impl Service {
         Service {
             state,
             shutdown_timeout,
-            tasks: vec![listener, sweeper],
+            tasks: [Some(listener), Some(sweeper), reloader]
+                .into_iter()
+                .flatten()
+                .collect(),
         }
     }
 

@@ -15,9 +15,11 @@
 //!   refuses an unknown `kid` outright. Without a `kid`, each key of the algorithm is
 //!   tried, at most [`MAX_KEYS`];
 //! * no private key material is accepted (a PEM private key, a JWK with `d`, a symmetric
-//!   JWK), and every mistake fails startup with a message naming its variable. The JWKS
-//!   file is read at startup only: publish a new key there, restart the replicas, then
-//!   let the backend sign with it.
+//!   JWK), and every mistake fails startup with a message naming its variable;
+//! * the JWKS file is read at startup and again on SIGHUP
+//!   ([`super::reload_on_sighup`]); a re-read that fails those checks keeps the keys in
+//!   use. Publish a new key there, SIGHUP (or restart) the replicas, then let the backend
+//!   sign with it.
 
 use std::path::Path;
 
@@ -79,6 +81,13 @@ impl KeySet {
             ),
         };
         Ok(KeySet { keys })
+    }
+
+    /// Load a JWKS file alone (a re-read; the startup checks apply).
+    pub fn load_jwks(path: &Path) -> anyhow::Result<Self> {
+        Ok(KeySet {
+            keys: load_jwks(path)?,
+        })
     }
 
     pub fn keys(&self) -> &[Key] {
