@@ -11,8 +11,9 @@
 #
 # Installs what the tests need when it is missing (each step is a no-op when it is there):
 # psycopg 3 for python3, Debian's chromium and node (tests/browser.rs), the browser tests'
-# node modules (`npm ci` in tests/browser, again only when package-lock.json changed), and
-# schemathesis in the venv .notifyd/venv (tests/fuzz_api.rs, via NOTIFYD_SCHEMATHESIS).
+# node modules (`npm ci` in tests/browser, again only when package-lock.json changed),
+# schemathesis in the venv .notifyd/venv (tests/fuzz_api.rs, via NOTIFYD_SCHEMATHESIS), and
+# the JWT libraries of tests/jwt/requirements.txt there too (tests/serve_jwt_libraries.rs).
 set -euo pipefail
 # shellcheck source=scripts/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -106,6 +107,30 @@ ensure_schemathesis() {
     export NOTIFYD_SCHEMATHESIS="$bin"
 }
 
+# The JWT libraries of Python backends (tests/serve_jwt_libraries.rs mints real tokens with
+# them) into the same venv, from tests/jwt/requirements.txt (pinned): pip runs only when an
+# installed version differs from the file. The test finds the venv's python through
+# NOTIFYD_JWT_PYTHON.
+ensure_jwt_libraries() {
+    local venv="$NOTIFYD_STATE/venv" req="$NOTIFYD_REPO/tests/jwt/requirements.txt"
+    [[ -x "$venv/bin/pip" ]] || die "$venv has no pip (ensure_schemathesis makes the venv)"
+    export NOTIFYD_JWT_PYTHON="$venv/bin/python"
+    "$NOTIFYD_JWT_PYTHON" - "$req" <<'PY' && return 0
+import sys
+from importlib.metadata import PackageNotFoundError, version
+for line in open(sys.argv[1]):
+    name, _, pinned = line.split("#")[0].strip().partition("==")
+    try:
+        if name and version(name) != pinned:
+            sys.exit(1)
+    except PackageNotFoundError:
+        sys.exit(1)
+PY
+    log "installing the JWT test libraries (tests/jwt/requirements.txt) into $venv"
+    "$venv/bin/pip" install --quiet -r "$req" \
+        || die "pip could not install tests/jwt/requirements.txt into $venv"
+}
+
 # rustfmt and clippy come with rustup's default profile; add them if missing.
 ensure_component() {
     local sub="$1" component="$2"
@@ -140,6 +165,10 @@ log "$("${CHROMIUM:-/usr/bin/chromium}" --version 2>/dev/null || echo chromium),
 begin "API fuzzing: schemathesis"
 ensure_schemathesis
 "$NOTIFYD_SCHEMATHESIS" --version
+
+begin "JWT libraries: flask-jwt-extended, simplejwt, PyJWT"
+ensure_jwt_libraries
+"$NOTIFYD_JWT_PYTHON" -c 'from importlib.metadata import version as v; print(*(f"{p} {v(p)}" for p in ("PyJWT", "flask-jwt-extended", "djangorestframework-simplejwt", "Django")))'
 
 ensure_cargo
 locked=()

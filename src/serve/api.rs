@@ -260,7 +260,7 @@ pub(super) fn decimal(s: &str) -> Option<i64> {
     responses(
         (status = 200, description = "A page, oldest first", body = NotificationPage),
         (status = 400, description = "Invalid or unknown parameter, or a cursor never issued to this user (`invalid_cursor`)", body = ErrorBody),
-        (status = 401, description = "Missing, malformed, expired or unverifiable token", body = ErrorBody,
+        (status = 401, description = "Missing, malformed, expired or unverifiable token, no user in its user claim (`invalid_user_claim`), or not an access token (`token_claim_mismatch`)", body = ErrorBody,
          headers(("WWW-Authenticate" = String, description = "Bearer challenge (RFC 6750)"))),
         (status = 410, description = "`cursor_expired`: notifications after the cursor were deleted before the client saw them; restart without `after`", body = ErrorBody),
         (status = 429, description = "Per-user request limit reached", body = ErrorBody,
@@ -288,7 +288,7 @@ pub async fn list(
     responses(
         (status = 200, description = "A page of unread notifications, oldest first", body = NotificationPage),
         (status = 400, description = "Invalid or unknown parameter, or a cursor never issued to this user (`invalid_cursor`)", body = ErrorBody),
-        (status = 401, description = "Missing, malformed, expired or unverifiable token", body = ErrorBody,
+        (status = 401, description = "Missing, malformed, expired or unverifiable token, no user in its user claim (`invalid_user_claim`), or not an access token (`token_claim_mismatch`)", body = ErrorBody,
          headers(("WWW-Authenticate" = String, description = "Bearer challenge (RFC 6750)"))),
         (status = 410, description = "`cursor_expired`: restart without `after`", body = ErrorBody),
         (status = 429, description = "Per-user request limit reached", body = ErrorBody,

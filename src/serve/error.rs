@@ -6,6 +6,7 @@
 //! internal detail (SQL, driver error, token contents, key material) ever reaches a
 //! response body; a 500 only says "internal error" and its cause is logged here instead.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Json;
@@ -15,7 +16,7 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 /// Why a request was not authenticated. Each maps to 401.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AuthFailure {
     /// No `Authorization` header.
     Missing,
@@ -24,6 +25,11 @@ pub enum AuthFailure {
     Invalid,
     /// A well-formed, correctly signed token whose `exp` has passed.
     Expired,
+    /// A verified token whose user claim (named here) is missing or not a user id.
+    UserClaim(Arc<str>),
+    /// A verified token whose `claim` does not have the required `value`
+    /// (`NOTIFYD_JWT_REQUIRE`): typically a refresh token.
+    ClaimMismatch { claim: Arc<str>, value: Arc<str> },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -96,6 +102,22 @@ impl ApiError {
                 StatusCode::UNAUTHORIZED,
                 "token_expired",
                 "the bearer token has expired; get a new one".into(),
+            ),
+            ApiError::Unauthorized(AuthFailure::UserClaim(claim)) => (
+                StatusCode::UNAUTHORIZED,
+                "invalid_user_claim",
+                format!(
+                    "the token's `{claim}` claim, which names the user, is missing or is not a \
+                     user id (a string of 1 to 128 characters without whitespace, or an integer)"
+                ),
+            ),
+            ApiError::Unauthorized(AuthFailure::ClaimMismatch { claim, value }) => (
+                StatusCode::UNAUTHORIZED,
+                "token_claim_mismatch",
+                format!(
+                    "the token's `{claim}` claim must be `{value}`: this service accepts access \
+                     tokens only (is this a refresh token?)"
+                ),
             ),
             ApiError::BadRequest { code, message } => {
                 (StatusCode::BAD_REQUEST, code, message.clone())
@@ -179,10 +201,11 @@ pub struct ErrorBody {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ErrorDetail {
     /// Stable, machine-readable code: `missing_token`, `invalid_token`, `token_expired`,
-    /// `invalid_parameter`, `unknown_parameter`, `invalid_cursor`, `cursor_expired`,
-    /// `rate_limited`, `too_many_streams`, `streams_full`, `not_found`,
-    /// `method_not_allowed`, `headers_too_large`, `uri_too_long`, `body_too_large`,
-    /// `timeout`, `unavailable`, `internal`.
+    /// `invalid_user_claim`, `token_claim_mismatch`, `invalid_parameter`,
+    /// `unknown_parameter`, `invalid_cursor`, `cursor_expired`, `rate_limited`,
+    /// `too_many_streams`, `streams_full`, `not_found`, `method_not_allowed`,
+    /// `headers_too_large`, `uri_too_long`, `body_too_large`, `timeout`, `unavailable`,
+    /// `internal`.
     #[schema(example = "invalid_parameter")]
     pub code: String,
     /// Human-readable explanation, for developers (not for end users).
@@ -215,7 +238,11 @@ impl IntoResponse for ApiError {
                 // RFC 6750 §3. The description never echoes the token.
                 let value = match failure {
                     AuthFailure::Missing => r#"Bearer realm="notifyd""#,
-                    AuthFailure::Invalid => r#"Bearer realm="notifyd", error="invalid_token""#,
+                    AuthFailure::Invalid
+                    | AuthFailure::UserClaim(_)
+                    | AuthFailure::ClaimMismatch { .. } => {
+                        r#"Bearer realm="notifyd", error="invalid_token""#
+                    }
                     AuthFailure::Expired => {
                         r#"Bearer realm="notifyd", error="invalid_token", error_description="token expired""#
                     }

@@ -8,8 +8,9 @@
 //!   no-referrer`; only the demo page and its assets (demo mode) get the page policy of
 //!   [`super::demo::PAGE_CSP`] instead;
 //! * CORS is off unless origins are configured; when on, only those origins, only GET
-//!   and HEAD, only the `Authorization` and `Last-Event-ID` headers, never credentials
-//!   (tokens are bearer tokens, not cookies);
+//!   and HEAD, only the `Authorization` and `Last-Event-ID` headers; credentials (the
+//!   cookie) are allowed only when a token cookie is configured (`NOTIFYD_JWT_COOKIE`),
+//!   and then only for those listed origins, never a wildcard;
 //! * request logs carry method, path, status, latency and the authenticated user id,
 //!   never a header value and never the query string; the token cannot reach a log, not
 //!   even the stream's `?access_token=`;
@@ -109,8 +110,10 @@ pub async fn timeout(State(state): State<AppState>, request: Request, next: Next
 }
 
 /// `None` when no origin is configured: no CORS headers at all, so browsers refuse
-/// cross-origin reads.
-pub fn cors(origins: &[HeaderValue]) -> Option<CorsLayer> {
+/// cross-origin reads. `credentials`: a token cookie is configured, so the listed
+/// origins (only they: the list is explicit, never `*`) may send it with
+/// `credentials: "include"` / `withCredentials` and read the answer.
+pub fn cors(origins: &[HeaderValue], credentials: bool) -> Option<CorsLayer> {
     if origins.is_empty() {
         return None;
     }
@@ -120,7 +123,7 @@ pub fn cors(origins: &[HeaderValue]) -> Option<CorsLayer> {
             .allow_methods([Method::GET, Method::HEAD])
             .allow_headers([header::AUTHORIZATION, LAST_EVENT_ID])
             .expose_headers([header::RETRY_AFTER])
-            .allow_credentials(false)
+            .allow_credentials(credentials)
             .max_age(Duration::from_secs(600)),
     )
 }

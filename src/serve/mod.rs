@@ -9,7 +9,7 @@
 //! streams then wait in memory on the [`hub`], which the same LISTEN connection feeds.
 //!
 //! Invariants:
-//! * the only user a handler can read is the token's `sub` ([`auth::CurrentUser`]);
+//! * the only user a handler can read is the token's user claim ([`auth::CurrentUser`]);
 //! * the service never writes: read state and preferences belong to the backend;
 //! * an empty poll (nothing newer than the cursor) is answered from memory while the
 //!   LISTEN connection is up, and from the database otherwise; both give the same answer;
@@ -57,7 +57,7 @@ pub const READY_TIMEOUT: Duration = Duration::from_secs(2);
 /// The router with every layer. Without a [`Service`] the cache stays off (every read
 /// queries the database), which is correct, only slower.
 pub fn app(state: AppState) -> Router {
-    let cors = middleware::cors(&state.0.cors_origins);
+    let cors = middleware::cors(&state.0.cors_origins, state.verifier().cookie().is_some());
     let mut router = Router::new()
         .route("/api/notifications", get(api::list))
         .route("/api/notifications/unread", get(api::unread))

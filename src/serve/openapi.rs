@@ -16,8 +16,10 @@ use super::{api, stream};
         title = "notifyd read API",
         description = "Read-only notifications of the authenticated user, for a frontend that \
 polls, long-polls or streams them.\n\n\
-Every `/api/notifications*` request carries `Authorization: Bearer <jwt>`; the token's \
-`sub` is the user, and no parameter can name another user.\n\n\
+Every `/api/notifications*` request carries `Authorization: Bearer <jwt>` (or, when the \
+service is configured for it, the JWT in a cookie); the token's user claim (`sub` unless \
+configured otherwise) is the user, and no parameter can name another user. Refresh tokens \
+are refused when the service is configured to require a claim such as `type=access`.\n\n\
 Polling: start without `after` (the newest page, oldest first), then always send the \
 previous response's `next_after` as `after`. An empty poll is cheap. A 410 \
 `cursor_expired` means notifications were deleted before you saw them: restart without \
@@ -70,8 +72,10 @@ impl Modify for BearerAuth {
                     .scheme(HttpAuthScheme::Bearer)
                     .bearer_format("JWT")
                     .description(Some(
-                        "The backend's JWT: HS256, RS256 or ES256 as configured; `sub` is the \
-                         user id, `exp` is required.",
+                        "The backend's JWT: HS256, RS256 or ES256 as configured (several keys \
+                         during a rotation); the user claim (`sub` by default, a string or an \
+                         integer) is the user id, `exp` is required, and configured claims \
+                         (e.g. `type=access`) must hold.",
                     ))
                     .build(),
             ),

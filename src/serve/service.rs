@@ -50,6 +50,7 @@ impl Service {
             listen_pool,
             shutdown.clone(),
         ));
+        let reloader = auth::reload_on_sighup(&state, shutdown.clone());
         let sweeper = {
             let state = state.clone();
             let stop = crate::shutdown::wait(shutdown);
@@ -71,7 +72,10 @@ impl Service {
         Service {
             state,
             shutdown_timeout,
-            tasks: vec![listener, sweeper],
+            tasks: [Some(listener), Some(sweeper), reloader]
+                .into_iter()
+                .flatten()
+                .collect(),
         }
     }
 
@@ -146,7 +150,7 @@ pub async fn run(
     }
     tracing::info!(
         address = %tcp.local_addr().map_or(address.clone(), |a| a.to_string()),
-        algorithm = ?settings.verifier.algorithm(),
+        jwt = ?settings.verifier,
         user_requests = settings.user_rate.per_window.get(),
         per_secs = settings.user_rate.window.as_secs(),
         cors_origins = settings.cors_origins.len(),

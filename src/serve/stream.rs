@@ -15,7 +15,8 @@
 //!   reads again whenever the hub says something may be new. Per-user ids grow in commit
 //!   order, so `id > cursor` never skips a notification that commits later;
 //! * the token comes from `Authorization: Bearer` or, for `EventSource`, from
-//!   `?access_token=` (never both); request logs never carry the query string
+//!   `?access_token=` (never both), else from the configured cookie; request logs never
+//!   carry the query string
 //!   ([`super::middleware::trace`]);
 //! * caps: per user and per process ([`super::hub::StreamLimits`]), answered 429 / 503
 //!   before the stream starts;
@@ -25,6 +26,7 @@
 //!   next heartbeat), or after a failed read (logged; the client reconnects with
 //!   `Last-Event-ID` and resumes where it was).
 
+use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::time::Duration;
@@ -143,7 +145,7 @@ fn last_event_id(headers: &HeaderMap) -> Result<Option<i64>, ApiError> {
         (status = 200, description = "A Server-Sent Events stream. It opens with `retry: 3000`; each notification is an event with `id: <id>`, `event: notification` and `data: <a Notification as JSON>`, in ascending id order; `: heartbeat` comments keep it alive. It ends on server shutdown: reconnect with `Last-Event-ID`.",
          content_type = "text/event-stream", body = StreamEvent),
         (status = 400, description = "Invalid or unknown parameter, both a header and a query token, or a cursor never issued to this user (`invalid_cursor`)", body = ErrorBody),
-        (status = 401, description = "Missing, malformed, expired or unverifiable token", body = ErrorBody,
+        (status = 401, description = "Missing, malformed, expired or unverifiable token, no user in its user claim (`invalid_user_claim`), or not an access token (`token_claim_mismatch`)", body = ErrorBody,
          headers(("WWW-Authenticate" = String, description = "Bearer challenge (RFC 6750)"))),
         (status = 410, description = "`cursor_expired`: notifications after the cursor were deleted before the client saw them; reconnect without a cursor", body = ErrorBody),
         (status = 429, description = "Per-user request limit (`rate_limited`) or per-user stream cap (`too_many_streams`) reached", body = ErrorBody,
@@ -166,10 +168,12 @@ pub async fn stream(
                  not both",
             ));
         }
-        (Some(token), None) | (None, Some(token)) => token,
-        (None, None) => return Err(ApiError::Unauthorized(AuthFailure::Missing)),
+        (Some(token), None) | (None, Some(token)) => Cow::Borrowed(token),
+        // Neither: the configured cookie, if any (an explicit token wins over it).
+        (None, None) => auth::cookie_token(&state, &headers)?
+            .ok_or(ApiError::Unauthorized(AuthFailure::Missing))?,
     };
-    let (user, valid_until) = auth::admit_until(&state, token)?;
+    let (user, valid_until) = auth::admit_until(&state, &token)?;
     let resume = match last_event_id(&headers)? {
         Some(id) => Some(id),
         None => query.after,

@@ -34,10 +34,8 @@ pub fn args() -> ServeArgs {
         port: None,
         jwt: JwtArgs {
             jwt_secret: Some(SECRET.to_owned()),
-            jwt_public_key: None,
-            jwt_issuer: None,
-            jwt_audience: Vec::new(),
             jwt_leeway_secs: 0,
+            ..JwtArgs::default()
         },
         metrics: Default::default(),
         user_requests_per_minute: 100_000,
