@@ -34,7 +34,10 @@
 -- Privileges: the function runs as the caller (no SECURITY DEFINER), so inserting through
 -- the view needs INSERT and SELECT on the view and the same rights as an
 -- `INSERT ... RETURNING` into notify.events (INSERT, and SELECT for the original row's
--- lookup). The view grants nothing the table does not.
+-- lookup): the INSERT path grants nothing the table does not. The view stays a simple
+-- view for the rest, so SELECT (and UPDATE or DELETE, which no backend is meant to have)
+-- check notify.events's rights as the view's owner, as for any view: grant a backend
+-- INSERT and SELECT on it, nothing more. The trigger function has a fixed search_path.
 
 CREATE VIEW notify.new_events AS
 SELECT e.id, e.user_id, e.event_type, e.body, e.link, e.idempotency_key, e.run_at, e.created_at
