@@ -131,6 +131,41 @@ PY
         || die "pip could not install tests/jwt/requirements.txt into $venv"
 }
 
+# The Python client's tests (clients/python/tests): the pinned packages of
+# clients/python/requirements-test.txt (Django, SQLAlchemy, psycopg 3, pytest, mypy) and the
+# package itself (pip install ./clients/python) in .notifyd/venv. Reinstalled only when
+# those files change (a hash of them is kept in the venv).
+ensure_python_client() {
+    local venv="$NOTIFYD_STATE/venv" dir="$NOTIFYD_REPO/clients/python" stamp want
+    export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
+    stamp="$venv/.notifyd-python-client.sha256"
+    want=$(cd "$dir" && find pyproject.toml requirements-test.txt README.md src -type f \
+        -not -path '*/__pycache__/*' -not -path '*.egg-info/*' | LC_ALL=C sort \
+        | xargs sha256sum | sha256sum | cut -d' ' -f1)
+    if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]] \
+        && "$venv/bin/python" -c 'import notifyd, django, sqlalchemy, psycopg, pytest, mypy' 2>/dev/null; then
+        return 0
+    fi
+    if [[ ! -x "$venv/bin/pip" ]]; then
+        rm -rf "$venv"
+        mkdir -p "$NOTIFYD_STATE"
+        if ! python3 -m venv "$venv"; then
+            rm -rf "$venv"
+            apt_install python3-venv || die "python3 cannot make a venv (install python3-venv)"
+            python3 -m venv "$venv" || die "python3 -m venv $venv failed"
+        fi
+    fi
+    log "installing the Python client and its test packages into $venv"
+    "$venv/bin/pip" install --quiet -r "$dir/requirements-test.txt" \
+        || die "pip could not install clients/python/requirements-test.txt into $venv"
+    # A build left in the tree could carry files that src/ no longer has.
+    rm -rf "$dir/build" "$dir"/src/*.egg-info
+    "$venv/bin/pip" install --quiet --force-reinstall --no-deps "$dir" \
+        || die "pip install ./clients/python failed"
+    rm -rf "$dir/build" "$dir"/src/*.egg-info
+    printf '%s\n' "$want" > "$stamp"
+}
+
 # rustfmt and clippy come with rustup's default profile; add them if missing.
 ensure_component() {
     local sub="$1" component="$2"
@@ -170,6 +205,10 @@ begin "JWT libraries: flask-jwt-extended, simplejwt, PyJWT"
 ensure_jwt_libraries
 "$NOTIFYD_JWT_PYTHON" -c 'from importlib.metadata import version as v; print(*(f"{p} {v(p)}" for p in ("PyJWT", "flask-jwt-extended", "djangorestframework-simplejwt", "Django")))'
 
+begin "Python client: Django, SQLAlchemy, pytest and clients/python"
+ensure_python_client
+"$NOTIFYD_STATE/venv/bin/python" -c 'import django, sqlalchemy, psycopg, pytest; print("django", django.__version__, "sqlalchemy", sqlalchemy.__version__, "psycopg", psycopg.__version__, "pytest", pytest.__version__)'
+
 ensure_cargo
 locked=()
 if [[ -f Cargo.lock ]]; then locked=(--locked); fi
@@ -194,6 +233,19 @@ if cargo nextest --version >/dev/null 2>&1; then
 else
     begin "Tests (cargo test; install cargo-nextest for faster runs)"
     cargo test ${locked[@]+"${locked[@]}"} --no-fail-fast "$@"
+fi
+
+# The Python client's tests, against the debug binary the cargo tests built (the same
+# invocation, so this build is a no-op after them). Exit 5 (no tests collected) fails too.
+if [[ $# -eq 0 ]]; then
+    begin "Python client tests (pytest in clients/python)"
+    cargo build ${locked[@]+"${locked[@]}"} --bin notifyd
+    export NOTIFYD_BIN="$NOTIFYD_REPO/target/debug/notifyd"
+    pytest_rc=0
+    (cd "$NOTIFYD_REPO/clients/python" && "$NOTIFYD_STATE/venv/bin/python" -m pytest -p no:cacheprovider) \
+        || pytest_rc=$?
+    if [[ $pytest_rc -eq 5 ]]; then die "pytest collected no tests in clients/python/tests"; fi
+    [[ $pytest_rc -eq 0 ]] || die "the Python client tests failed (pytest exit $pytest_rc)"
 fi
 
 current=""
