@@ -180,6 +180,12 @@ pub struct DemoArgs {
     /// The user id (JWT `sub`) of demo mode's tokens.
     #[arg(long, env = "NOTIFYD_DEMO_USER", default_value = "42")]
     pub demo_user: String,
+
+    /// Lifetime in seconds of the tokens /demo/token hands out (short ones show the
+    /// client renewing tokens mid-stream).
+    #[arg(long, env = "NOTIFYD_DEMO_TOKEN_TTL_SECS", default_value_t = 3600,
+          value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub demo_token_ttl_secs: u64,
 }
 
 impl Default for DemoArgs {
@@ -187,6 +193,7 @@ impl Default for DemoArgs {
         DemoArgs {
             demo: false,
             demo_user: "42".to_owned(),
+            demo_token_ttl_secs: 3600,
         }
     }
 }
@@ -247,7 +254,10 @@ impl ServeArgs {
                 total: usize::try_from(self.stream.max_streams).unwrap_or(usize::MAX),
             },
             demo: if self.demo.demo {
-                Some(Demo::new(&self.jwt, &self.demo.demo_user)?)
+                Some(
+                    Demo::new(&self.jwt, &self.demo.demo_user)?
+                        .with_token_ttl(self.demo.demo_token_ttl_secs),
+                )
             } else {
                 None
             },
@@ -390,6 +400,7 @@ pub fn app(state: AppState) -> Router {
             .route("/demo/", get(demo::index))
             .route("/demo/inbox.js", get(demo::script))
             .route("/demo/inbox.css", get(demo::style))
+            .route("/demo/notifyd-client.js", get(demo::client))
             .route("/demo/token", get(demo::token));
     }
     let router = router
