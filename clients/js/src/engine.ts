@@ -89,10 +89,14 @@ export class Tokens {
         .then((jwt) => {
           if (typeof jwt !== 'string' || !jwt) throw new Error('getToken() returned no token');
           const c = claims(jwt);
-          const exp = Number(c.exp);
-          const life = (exp - (Number(c.iat) || Date.now() / 1000)) * 1000;
-          const ms = exp > 0 && life > 0 ? life : 60000;
-          this.renewAt = Date.now() + ms - Math.min(60000, Math.max(2000, ms / 4));
+          const now = Date.now();
+          const exp = Number(c.exp) * 1000;
+          // What is left of it: by `exp - iat`, and by this clock when that says less
+          // (a cached token handed out again); by this clock alone only if sane.
+          const life = exp - (Number(c.iat) * 1000 || now);
+          const left = exp - now;
+          const ms = life > 0 ? (left > 0 ? Math.min(life, left) : life) : left > 0 ? left : 60000;
+          this.renewAt = now + ms - Math.min(60000, Math.max(2000, ms / 4), ms / 2);
           return (this.jwt = jwt);
         })
         .finally(() => (this.pending = null));
@@ -218,10 +222,12 @@ export class Engine {
       this.sink.conn('live');
       // Renew ahead of `exp`: get the new token first, then reconnect from the cursor at
       // once, so the switch costs one request and loses nothing.
+      const old = this.tokens.jwt;
       renew = setTimeout(
         () =>
           this.tokens.get(true).then(
-            () => {
+            (jwt) => {
+              if (jwt === old) return; // the same token again: keep this stream until it ends
               res.renewed = true;
               abort();
             },

@@ -97,9 +97,20 @@ export function createNotifications(options: Options): NotificationsClient {
   let channel: BroadcastChannel | null = null;
   let state: State = { items: [], unreadCount: 0, connection: 'connecting', leader: false, hasMore: false };
 
+  // A throwing listener or callback must not stop the connection: it is reported
+  // asynchronously instead (window.onerror, the console).
+  const safely = (f: () => void) => {
+    try {
+      f();
+    } catch (e) {
+      setTimeout(() => {
+        throw e;
+      });
+    }
+  };
   const set = (patch: Partial<State>) => {
     state = { ...state, ...patch, hasMore: !complete && !histDone && max !== null };
-    listeners.forEach((l) => l());
+    listeners.forEach(safely);
   };
 
   const clear = () => {
@@ -139,7 +150,8 @@ export function createNotifications(options: Options): NotificationsClient {
   };
 
   const notify = (fresh: Notification[], leader: boolean) => {
-    if (options.onNotification) for (const n of fresh) options.onNotification(n, leader);
+    const f = options.onNotification;
+    if (f) for (const n of fresh) safely(() => f(n, leader));
   };
 
   const sink: Sink = {

@@ -81,10 +81,12 @@ var Tokens = class {
       this.pending = Promise.resolve().then(this.source).then((jwt) => {
         if (typeof jwt !== "string" || !jwt) throw new Error("getToken() returned no token");
         const c = claims(jwt);
-        const exp = Number(c.exp);
-        const life = (exp - (Number(c.iat) || Date.now() / 1e3)) * 1e3;
-        const ms = exp > 0 && life > 0 ? life : 6e4;
-        this.renewAt = Date.now() + ms - Math.min(6e4, Math.max(2e3, ms / 4));
+        const now = Date.now();
+        const exp = Number(c.exp) * 1e3;
+        const life = exp - (Number(c.iat) * 1e3 || now);
+        const left = exp - now;
+        const ms = life > 0 ? left > 0 ? Math.min(life, left) : life : left > 0 ? left : 6e4;
+        this.renewAt = now + ms - Math.min(6e4, Math.max(2e3, ms / 4), ms / 2);
         return this.jwt = jwt;
       }).finally(() => this.pending = null);
     }
@@ -184,9 +186,11 @@ var Engine = class {
       }
       res.opened = true;
       this.sink.conn("live");
+      const old = this.tokens.jwt;
       renew = setTimeout(
         () => this.tokens.get(true).then(
-          () => {
+          (jwt) => {
+            if (jwt === old) return;
             res.renewed = true;
             abort();
           },
@@ -316,9 +320,18 @@ function createNotifications(options) {
   let loading = null;
   let channel = null;
   let state = { items: [], unreadCount: 0, connection: "connecting", leader: false, hasMore: false };
+  const safely = (f) => {
+    try {
+      f();
+    } catch (e) {
+      setTimeout(() => {
+        throw e;
+      });
+    }
+  };
   const set = (patch) => {
     state = { ...state, ...patch, hasMore: !complete && !histDone && max !== null };
-    listeners.forEach((l) => l());
+    listeners.forEach(safely);
   };
   const clear = () => {
     byId.clear();
@@ -352,7 +365,8 @@ function createNotifications(options) {
     });
   };
   const notify = (fresh, leader) => {
-    if (options.onNotification) for (const n of fresh) options.onNotification(n, leader);
+    const f = options.onNotification;
+    if (f) for (const n of fresh) safely(() => f(n, leader));
   };
   const sink = {
     add(list, live) {
