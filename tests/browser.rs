@@ -1,16 +1,20 @@
-//! The demo inbox page in a real browser: Debian's headless Chromium, driven by
-//! playwright-core from tests/browser/inbox.test.mjs, against the real `notifyd worker` and
-//! `notifyd serve --demo` binaries on a fresh database.
+//! The demo inbox page and the browser client (clients/js) in a real browser: Debian's
+//! headless Chromium, driven by playwright-core from node scripts in tests/browser, against
+//! the real `notifyd worker` and `notifyd serve --demo` binaries on a fresh database.
 //!
-//! The node script checks: a notification appears in under 1 s after its INSERT (the
-//! figure is printed); an XSS corpus, through the worker and written raw past it, runs
-//! nothing, opens no dialog and adds no element; and after a SIGKILL and restart of the
-//! serve process every notification is shown exactly once. It asks this test to kill and
-//! restart serve over a line protocol (`CONTROL kill-serve` / `CONTROL start-serve` on its
-//! stdout, `ok <command>` on its stdin).
+//! `demo_inbox_in_chromium` (inbox.test.mjs): a notification appears in under 1 s after its
+//! INSERT (the figure is printed); an XSS corpus, through the worker and written raw past
+//! it, runs nothing, opens no dialog and adds no element; and after a SIGKILL and restart of
+//! the serve process every notification is shown exactly once.
+//! `js_client_in_chromium` (client.test.mjs): see [`js_client_in_chromium`].
 //!
-//! Needs node, `/usr/bin/chromium` (or `CHROMIUM`) and `npm ci` in tests/browser;
-//! scripts/test.sh installs all three. Missing ones fail the test, they never skip it.
+//! The scripts ask this test to kill and restart serve over a line protocol (`CONTROL
+//! kill-serve` / `CONTROL start-serve` on their stdout, `ok <command>` on their stdin).
+//! The two tests run one at a time (.config/nextest.toml).
+//!
+//! Needs node, `/usr/bin/chromium` (or `CHROMIUM`), `npm ci` in tests/browser and in
+//! clients/js, and the client built (`npm run build`); scripts/test.sh does all of it.
+//! Missing ones fail the test, they never skip it.
 
 mod common;
 #[path = "faults/support.rs"]

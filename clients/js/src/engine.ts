@@ -307,9 +307,12 @@ export class Engine {
           o.code === 'streams_full';
         const healthy = o.opened && (o.delivered > 0 || Date.now() - started >= HEALTHY_MS);
         if (healthy) {
+          // Ended after a good run (shutdown, token expiry): resume at once; after a short
+          // one that delivered, a moment later (a proxy that cuts every stream early).
           failures = 0;
           streamRetry = STREAM_RETRY_MS;
-          continue; // ended after a good run (shutdown, token expiry): resume at once
+          if (Date.now() - started < HEALTHY_MS) await sleep(backoff(1), signal);
+          continue;
         }
         if (refused || failures + 1 >= FAILURES_BEFORE_POLL) {
           stream = false;

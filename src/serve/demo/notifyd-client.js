@@ -265,6 +265,7 @@ var Engine = class {
         if (healthy) {
           failures = 0;
           streamRetry = STREAM_RETRY_MS;
+          if (Date.now() - started < HEALTHY_MS) await sleep(backoff(1), signal);
           continue;
         }
         if (refused || failures + 1 >= FAILURES_BEFORE_POLL) {
