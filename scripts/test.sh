@@ -11,9 +11,10 @@
 #
 # Installs what the tests need when it is missing (each step is a no-op when it is there):
 # psycopg 3 for python3, Debian's chromium and node (tests/browser.rs), the browser tests'
-# node modules (`npm ci` in tests/browser, again only when package-lock.json changed),
-# schemathesis in the venv .notifyd/venv (tests/fuzz_api.rs, via NOTIFYD_SCHEMATHESIS), and
-# the JWT libraries of tests/jwt/requirements.txt there too (tests/serve_jwt_libraries.rs).
+# and the browser client's node modules (`npm ci` in tests/browser and clients/js, again
+# only when package-lock.json changed; then the client is built with tsc), schemathesis in
+# the venv .notifyd/venv (tests/fuzz_api.rs, via NOTIFYD_SCHEMATHESIS), and the JWT
+# libraries of tests/jwt/requirements.txt there too (tests/serve_jwt_libraries.rs).
 set -euo pipefail
 # shellcheck source=scripts/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -67,18 +68,24 @@ ensure_node() {
     [[ "$major" -ge 18 ]] || die "node $(node --version) is too old for the browser tests: install Node.js >= 18"
 }
 
-# tests/browser/node_modules from the committed lock file, with `npm ci` only when it is
-# missing or was installed from another lock file (a hash of it is kept beside the modules).
+# <dir>/node_modules from the committed lock file, with `npm ci` only when it is missing
+# or was installed from another lock file (a hash of it is kept beside the modules).
 ensure_node_modules() {
-    local dir="$NOTIFYD_REPO/tests/browser" stamp want
+    local dir="$NOTIFYD_REPO/$1" module="$2" stamp want
     stamp="$dir/node_modules/.notifyd-lock.sha256"
     want=$(sha256sum "$dir/package-lock.json" | cut -d' ' -f1)
-    if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" && -d "$dir/node_modules/playwright-core" ]]; then
+    if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" && -d "$dir/node_modules/$module" ]]; then
         return 0
     fi
-    log "installing the browser tests' node modules (npm ci in tests/browser)"
-    (cd "$dir" && npm ci --no-audit --no-fund --loglevel=error) || die "npm ci in tests/browser failed"
+    log "installing node modules (npm ci in $1)"
+    (cd "$dir" && npm ci --no-audit --no-fund --loglevel=error) || die "npm ci in $1 failed"
     printf '%s\n' "$want" > "$stamp"
+}
+
+# The browser client (clients/js): its dist/ with tsc, which also type-checks it; a few
+# seconds, so always (a stale dist/ would test old code).
+build_js_client() {
+    (cd "$NOTIFYD_REPO/clients/js" && npm run --silent build) || die "the browser client (clients/js) does not build"
 }
 
 # schemathesis (tests/fuzz_api.rs) in its own venv, .notifyd/venv; the test finds it
@@ -191,10 +198,12 @@ begin "Python: psycopg 3"
 ensure_psycopg
 python3 -c 'import psycopg, sys; print("python", sys.version.split()[0], "psycopg", psycopg.__version__)'
 
-begin "Browser tests: chromium and node modules"
+begin "Browser tests: chromium, node modules, the browser client"
 ensure_chromium
 ensure_node
-ensure_node_modules
+ensure_node_modules tests/browser playwright-core
+ensure_node_modules clients/js esbuild
+build_js_client
 log "$("${CHROMIUM:-/usr/bin/chromium}" --version 2>/dev/null || echo chromium), node $(node --version)"
 
 begin "API fuzzing: schemathesis"

@@ -1,16 +1,20 @@
-//! The demo inbox page in a real browser: Debian's headless Chromium, driven by
-//! playwright-core from tests/browser/inbox.test.mjs, against the real `notifyd worker` and
-//! `notifyd serve --demo` binaries on a fresh database.
+//! The demo inbox page and the browser client (clients/js) in a real browser: Debian's
+//! headless Chromium, driven by playwright-core from node scripts in tests/browser, against
+//! the real `notifyd worker` and `notifyd serve --demo` binaries on a fresh database.
 //!
-//! The node script checks: a notification appears in under 1 s after its INSERT (the
-//! figure is printed); an XSS corpus, through the worker and written raw past it, runs
-//! nothing, opens no dialog and adds no element; and after a SIGKILL and restart of the
-//! serve process every notification is shown exactly once. It asks this test to kill and
-//! restart serve over a line protocol (`CONTROL kill-serve` / `CONTROL start-serve` on its
-//! stdout, `ok <command>` on its stdin).
+//! `demo_inbox_in_chromium` (inbox.test.mjs): a notification appears in under 1 s after its
+//! INSERT (the figure is printed); an XSS corpus, through the worker and written raw past
+//! it, runs nothing, opens no dialog and adds no element; and after a SIGKILL and restart of
+//! the serve process every notification is shown exactly once.
+//! `js_client_in_chromium` (client.test.mjs): see [`js_client_in_chromium`].
 //!
-//! Needs node, `/usr/bin/chromium` (or `CHROMIUM`) and `npm ci` in tests/browser;
-//! scripts/test.sh installs all three. Missing ones fail the test, they never skip it.
+//! The scripts ask this test to kill and restart serve over a line protocol (`CONTROL
+//! kill-serve` / `CONTROL start-serve` on their stdout, `ok <command>` on their stdin).
+//! The two tests run one at a time (.config/nextest.toml).
+//!
+//! Needs node, `/usr/bin/chromium` (or `CHROMIUM`), `npm ci` in tests/browser and in
+//! clients/js, and the client built (`npm run build`); scripts/test.sh does all of it.
+//! Missing ones fail the test, they never skip it.
 
 mod common;
 #[path = "faults/support.rs"]
@@ -30,6 +34,10 @@ const NODE_LIMIT: Duration = Duration::from_secs(300);
 
 fn browser_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/browser")
+}
+
+fn client_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("clients/js")
 }
 
 fn chromium() -> PathBuf {
@@ -68,18 +76,25 @@ struct Serve {
     port: u16,
     log: PathBuf,
     database_url: String,
+    env: Vec<(&'static str, String)>,
     child: Option<Child>,
     starts: u32,
 }
 
 impl Serve {
     fn new(database_url: &str) -> Serve {
+        Serve::with_env(database_url, "serve", Vec::new())
+    }
+
+    /// With extra settings, logging to `serve-<name>-<pid>.log`.
+    fn with_env(database_url: &str, name: &str, env: Vec<(&'static str, String)>) -> Serve {
         let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("browser-logs");
         std::fs::create_dir_all(&dir).expect("log dir");
         Serve {
             port: free_port(),
-            log: dir.join(format!("serve-{}.log", std::process::id())),
+            log: dir.join(format!("{name}-{}.log", std::process::id())),
             database_url: database_url.to_owned(),
+            env,
             child: None,
             starts: 0,
         }
@@ -108,6 +123,7 @@ impl Serve {
                 .env("NOTIFYD_DEMO_USER", DEMO_USER)
                 .env("NOTIFYD_USER_REQUESTS_PER_MINUTE", "100000")
                 .env("RUST_LOG", "info,sqlx=warn")
+                .envs(self.env.iter().map(|(k, v)| (k, v)))
                 .env_remove("PORT")
                 .stdin(Stdio::null())
                 .stdout(file.try_clone().expect("log file"))
@@ -189,27 +205,18 @@ fn tail(name: &str, path: &Path) -> String {
     )
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn demo_inbox_in_chromium() {
-    check_prerequisites();
-    let db = TestDb::new().await;
-    // The XSS corpus alone is over the default hourly limit of 100 for the one demo user.
-    let mut worker = Proc::worker(
-        &db.url,
-        "browser-worker",
-        &[("NOTIFYD_RATE_LIMIT", "100000".to_owned())],
-    );
-    worker.wait_listening(Duration::from_secs(30)).await;
-    let mut serve = Serve::new(&db.url);
-    serve.start().await;
-
-    let script = browser_dir().join("inbox.test.mjs");
+/// Run a node script of tests/browser with `env`, answering its CONTROL lines by killing
+/// and restarting `serve`; panics unless it exits 0. Returns its `FIGURES` lines.
+async fn run_node(
+    script: &str,
+    env: &[(&str, String)],
+    serve: &mut Serve,
+    logs: &[&dyn Fn() -> String],
+) -> Vec<String> {
     let mut node = tokio::process::Command::new("node")
-        .arg(&script)
+        .arg(browser_dir().join(script))
         .current_dir(browser_dir())
-        .env("NOTIFYD_URL", serve.url())
-        .env("DATABASE_URL", &db.url)
-        .env("NOTIFYD_DEMO_USER", DEMO_USER)
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .env("CHROMIUM", chromium())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -220,6 +227,12 @@ async fn demo_inbox_in_chromium() {
     let mut stdin = node.stdin.take().expect("stdin");
     let mut out = BufReader::new(node.stdout.take().expect("stdout")).lines();
     let mut err = BufReader::new(node.stderr.take().expect("stderr")).lines();
+    let tails = |serve: &Serve| {
+        std::iter::once(serve.log_tail())
+            .chain(logs.iter().map(|f| f()))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
 
     let deadline = tokio::time::Instant::now() + NODE_LIMIT;
     let (mut out_open, mut err_open) = (true, true);
@@ -253,27 +266,112 @@ async fn demo_inbox_in_chromium() {
             },
             _ = tokio::time::sleep_until(deadline) => {
                 let _ = node.kill().await;
-                panic!(
-                    "the browser tests did not finish within {NODE_LIMIT:?}\n{}\n{}",
-                    serve.log_tail(),
-                    worker.log_tail()
-                );
+                panic!("{script} did not finish within {NODE_LIMIT:?}\n{}", tails(serve));
             }
         }
     }
     let status = node.wait().await.expect("node exit");
     assert!(
         status.success(),
-        "the browser tests failed (node exited with {status}); see the output above\n{}\n{}",
-        serve.log_tail(),
-        worker.log_tail()
-    );
-    assert!(
-        figures.iter().any(|f| f.contains("appear latency")),
-        "node exited 0 without the latency figure: did every scenario run?"
+        "{script} failed (node exited with {status}); see the output above\n{}",
+        tails(serve)
     );
     for f in &figures {
         eprintln!("{f}");
     }
+    figures
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_inbox_in_chromium() {
+    check_prerequisites();
+    let db = TestDb::new().await;
+    // The XSS corpus alone is over the default hourly limit of 100 for the one demo user.
+    let mut worker = Proc::worker(
+        &db.url,
+        "browser-worker",
+        &[("NOTIFYD_RATE_LIMIT", "100000".to_owned())],
+    );
+    worker.wait_listening(Duration::from_secs(30)).await;
+    let mut serve = Serve::new(&db.url);
+    serve.start().await;
+
+    let env = [
+        ("NOTIFYD_URL", serve.url()),
+        ("DATABASE_URL", db.url.clone()),
+        ("NOTIFYD_DEMO_USER", DEMO_USER.to_owned()),
+    ];
+    let figures = run_node("inbox.test.mjs", &env, &mut serve, &[&|| worker.log_tail()]).await;
+    assert!(
+        figures.iter().any(|f| f.contains("appear latency")),
+        "node exited 0 without the latency figure: did every scenario run?"
+    );
+    assert!(serve.starts >= 2, "serve was never restarted");
+}
+
+/// The browser client of clients/js (through the demo page, which runs on it, and a small
+/// React app on its hook) in tests/browser/client.test.mjs: one stream for six tabs,
+/// leader hand-over, a SIGKILL of serve, streaming refused, no Web Locks, a token that
+/// expires mid-stream. Two serve processes: `serve` (metrics on, so the test can read how
+/// many streams it holds) and `short` (demo tokens of 8 s, no leeway, so every stream
+/// outlives its token unless the client renews it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn js_client_in_chromium() {
+    check_prerequisites();
+    let app = client_dir().join("dist/react.js");
+    assert!(
+        app.is_file(),
+        "{} is missing: build the client (cd clients/js && npm ci && npm run build; scripts/test.sh does)",
+        app.display()
+    );
+    let db = TestDb::new().await;
+    let mut worker = Proc::worker(
+        &db.url,
+        "client-worker",
+        &[("NOTIFYD_RATE_LIMIT", "100000".to_owned())],
+    );
+    worker.wait_listening(Duration::from_secs(30)).await;
+    let metrics = free_port();
+    // A heartbeat each second: a stream whose tab went away is noticed (and uncounted) fast.
+    let mut serve = Serve::with_env(
+        &db.url,
+        "client-serve",
+        vec![
+            ("NOTIFYD_METRICS_LISTEN", format!("127.0.0.1:{metrics}")),
+            ("NOTIFYD_STREAM_HEARTBEAT_SECS", "1".to_owned()),
+        ],
+    );
+    serve.start().await;
+    let mut short = Serve::with_env(
+        &db.url,
+        "client-serve-short",
+        vec![
+            ("NOTIFYD_DEMO_TOKEN_TTL_SECS", "8".to_owned()),
+            ("NOTIFYD_JWT_LEEWAY_SECS", "0".to_owned()),
+            ("NOTIFYD_STREAM_HEARTBEAT_SECS", "1".to_owned()),
+        ],
+    );
+    short.start().await;
+
+    let env = [
+        ("NOTIFYD_URL", serve.url()),
+        ("NOTIFYD_SHORT_URL", short.url()),
+        ("NOTIFYD_METRICS_URL", format!("http://127.0.0.1:{metrics}")),
+        ("DATABASE_URL", db.url.clone()),
+        ("NOTIFYD_DEMO_USER", DEMO_USER.to_owned()),
+        ("NOTIFYD_CLIENT_DIR", client_dir().display().to_string()),
+    ];
+    let short_tail = || short.log_tail();
+    let figures = run_node(
+        "client.test.mjs",
+        &env,
+        &mut serve,
+        &[&short_tail, &|| worker.log_tail()],
+    )
+    .await;
+    assert!(
+        figures.iter().any(|f| f.contains("token renewal")),
+        "node exited 0 without the token figure: did every scenario run?"
+    );
     assert!(serve.starts >= 2, "serve was never restarted");
 }

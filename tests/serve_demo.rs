@@ -38,7 +38,14 @@ fn demo_file(name: &str) -> String {
 #[tokio::test]
 async fn without_demo_mode_there_is_no_page_and_no_token() {
     let s = Server::start().await;
-    for path in ["/", "/demo", "/demo/", "/demo/inbox.js", "/demo/token"] {
+    for path in [
+        "/",
+        "/demo",
+        "/demo/",
+        "/demo/inbox.js",
+        "/demo/notifyd-client.js",
+        "/demo/token",
+    ] {
         assert_eq!(s.error(path, None, 404).await, "not_found", "{path}");
     }
 }
@@ -60,6 +67,11 @@ async fn demo_mode_serves_the_page_with_its_policy() {
             "text/javascript; charset=utf-8",
         ),
         ("/demo/inbox.css", "inbox.css", "text/css; charset=utf-8"),
+        (
+            "/demo/notifyd-client.js",
+            "notifyd-client.js",
+            "text/javascript; charset=utf-8",
+        ),
     ] {
         let r = http.get(s.url(path)).send().await.unwrap();
         assert_eq!(r.status(), 200, "{path}");
@@ -116,6 +128,30 @@ async fn the_demo_token_reads_the_demo_user_only() {
         (now_secs() + 3500..=now_secs() + 3601).contains(&exp),
         "{exp}"
     );
+}
+
+#[tokio::test]
+async fn the_demo_token_lifetime_is_a_setting() {
+    let mut a = demo_args();
+    a.demo.demo_token_ttl_secs = 7;
+    let s = Server::start_with(TestDb::new().await, a).await;
+    let body: Value = s.get("/demo/token", None).await.json().await.unwrap();
+    assert_eq!(body["expires_in"], 7);
+    let token = body["token"].as_str().unwrap();
+    let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::HS256);
+    validation.set_required_spec_claims(&["exp", "sub"]);
+    let claims = jsonwebtoken::decode::<Value>(
+        token,
+        &jsonwebtoken::DecodingKey::from_secret(serve_support::SECRET.as_bytes()),
+        &validation,
+    )
+    .unwrap()
+    .claims;
+    let (iat, exp) = (
+        claims["iat"].as_u64().unwrap(),
+        claims["exp"].as_u64().unwrap(),
+    );
+    assert_eq!(exp - iat, 7);
 }
 
 #[test]

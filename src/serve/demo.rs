@@ -10,8 +10,12 @@
 //!   connections ([`PAGE_CSP`]); every other response keeps the API's stricter policy
 //!   (the marker [`DemoPage`] tells [`super::middleware::security_headers`] which);
 //! * `/demo/token` signs an HS256 token for the configured demo user only, valid for
-//!   [`TOKEN_TTL`], with the service's own secret: demo mode needs
-//!   `NOTIFYD_JWT_SECRET`, and refuses to start with only a public key.
+//!   `NOTIFYD_DEMO_TOKEN_TTL_SECS` ([`TOKEN_TTL`] by default), with the service's own
+//!   secret: demo mode needs `NOTIFYD_JWT_SECRET`, and refuses to start with only a
+//!   public key;
+//! * the page runs on the browser client of `clients/js`: `demo/notifyd-client.js` is its
+//!   bundle, generated and committed so that `cargo build` needs no node
+//!   (`tests/js_client.rs` fails when it is stale).
 
 use std::time::Duration;
 
@@ -26,7 +30,7 @@ use super::AppState;
 use super::auth::{self, JwtArgs};
 use super::error::ApiError;
 
-/// Lifetime of a demo token.
+/// Default lifetime of a demo token.
 pub const TOKEN_TTL: Duration = Duration::from_secs(3600);
 
 /// The Content-Security-Policy of the demo page and its assets.
@@ -37,6 +41,7 @@ pub const PAGE_CSP: &str = "default-src 'none'; script-src 'self'; style-src 'se
 const INDEX_HTML: &str = include_str!("demo/index.html");
 const INBOX_JS: &str = include_str!("demo/inbox.js");
 const INBOX_CSS: &str = include_str!("demo/inbox.css");
+const CLIENT_JS: &str = include_str!("demo/notifyd-client.js");
 
 /// Response extension: this is a demo page or asset (it gets [`PAGE_CSP`]).
 #[derive(Debug, Clone, Copy)]
@@ -47,6 +52,7 @@ pub struct DemoPage;
 pub struct Demo {
     user: String,
     jwt: JwtArgs,
+    ttl: Duration,
 }
 
 impl std::fmt::Debug for Demo {
@@ -68,10 +74,17 @@ impl Demo {
         let demo = Demo {
             user: user.to_owned(),
             jwt: jwt.clone(),
+            ttl: TOKEN_TTL,
         };
         demo.token()
             .context("NOTIFYD_DEMO_USER: cannot sign a demo token")?;
         Ok(demo)
+    }
+
+    /// Hand out tokens valid for `secs` seconds instead of [`TOKEN_TTL`].
+    pub fn with_token_ttl(mut self, secs: u64) -> Self {
+        self.ttl = Duration::from_secs(secs);
+        self
     }
 
     pub fn user(&self) -> &str {
@@ -79,7 +92,7 @@ impl Demo {
     }
 
     fn token(&self) -> anyhow::Result<String> {
-        auth::mint(&self.jwt, &self.user, TOKEN_TTL)
+        auth::mint(&self.jwt, &self.user, self.ttl)
     }
 }
 
@@ -113,12 +126,16 @@ pub async fn style() -> Response {
     asset("text/css; charset=utf-8", INBOX_CSS)
 }
 
+pub async fn client() -> Response {
+    asset("text/javascript; charset=utf-8", CLIENT_JS)
+}
+
 pub async fn token(State(state): State<AppState>) -> Result<Json<DemoToken>, ApiError> {
     let demo = state.demo().ok_or(ApiError::NotFound)?;
     let token = demo.token()?;
     Ok(Json(DemoToken {
         token,
         user_id: demo.user.clone(),
-        expires_in: TOKEN_TTL.as_secs(),
+        expires_in: demo.ttl.as_secs(),
     }))
 }

@@ -134,6 +134,7 @@ impl Hub {
                     (n < total).then_some(n + 1)
                 })
                 .map_err(|_| Refused::ProcessFull)?;
+            metrics::gauge!(crate::telemetry::series::STREAMS_OPEN).increment(1.0);
         }
         let topic = shard.entry(user.to_owned()).or_insert_with(|| Topic {
             newest: watch::Sender::new(0),
@@ -161,6 +162,7 @@ impl Hub {
             if stream {
                 topic.streams -= 1;
                 self.streams.fetch_sub(1, Ordering::AcqRel);
+                metrics::gauge!(crate::telemetry::series::STREAMS_OPEN).decrement(1.0);
             }
             if topic.waiters == 0 {
                 shard.remove(user);

@@ -72,6 +72,7 @@ pub fn app(state: AppState) -> Router {
             .route("/demo/", get(demo::index))
             .route("/demo/inbox.js", get(demo::script))
             .route("/demo/inbox.css", get(demo::style))
+            .route("/demo/notifyd-client.js", get(demo::client))
             .route("/demo/token", get(demo::token));
     }
     let router = router

@@ -130,6 +130,12 @@ pub struct DemoArgs {
     /// The user id (JWT `sub`) of demo mode's tokens.
     #[arg(long, env = "NOTIFYD_DEMO_USER", default_value = "42")]
     pub demo_user: String,
+
+    /// Lifetime in seconds of the tokens /demo/token hands out (short ones show the
+    /// client renewing tokens mid-stream).
+    #[arg(long, env = "NOTIFYD_DEMO_TOKEN_TTL_SECS", default_value_t = 3600,
+          value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub demo_token_ttl_secs: u64,
 }
 
 impl Default for DemoArgs {
@@ -137,6 +143,7 @@ impl Default for DemoArgs {
         DemoArgs {
             demo: false,
             demo_user: "42".to_owned(),
+            demo_token_ttl_secs: 3600,
         }
     }
 }
@@ -197,7 +204,10 @@ impl ServeArgs {
                 total: usize::try_from(self.stream.max_streams).unwrap_or(usize::MAX),
             },
             demo: if self.demo.demo {
-                Some(Demo::new(&self.jwt, &self.demo.demo_user)?)
+                Some(
+                    Demo::new(&self.jwt, &self.demo.demo_user)?
+                        .with_token_ttl(self.demo.demo_token_ttl_secs),
+                )
             } else {
                 None
             },

@@ -20,6 +20,7 @@
 //! * `notifyd_queue_*`: a periodic query in the worker (every replica reports the same
 //!   values; aggregate with `max`).
 //! * `notifyd_http_*`: [`track_http`], a middleware for the read service.
+//! * `notifyd_streams_open`: the read service's hub, as streams open and close.
 
 use std::net::SocketAddr;
 use std::sync::OnceLock;
@@ -51,6 +52,7 @@ pub const WORKERS_ALIVE: &str = "notifyd_workers_alive";
 pub const WORKER_RESTARTS: &str = "notifyd_worker_restarts_total";
 pub const HTTP_REQUESTS: &str = "notifyd_http_requests_total";
 pub const HTTP_SECONDS: &str = "notifyd_http_request_duration_seconds";
+pub const STREAMS_OPEN: &str = "notifyd_streams_open";
 
 const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
@@ -130,6 +132,10 @@ fn describe() {
         "Jobs not finished yet: pending, claimed, running, or waiting to retry"
     );
     describe_gauge!(QUEUE_JOBS, "Queue rows by state");
+    describe_gauge!(
+        STREAMS_OPEN,
+        "Notification streams this serve process holds open"
+    );
     describe_gauge!(
         QUEUE_LAG,
         "Age in seconds of the oldest job that is due and not claimed (0 when none)"
