@@ -498,12 +498,14 @@ async fn heartbeat(pool: PgPool, worker: String, every: Duration) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let beat = sqlx::query(
-            "UPDATE apalis.workers SET last_seen = now() WHERE id = $1 AND worker_type = $2",
-        )
-        .bind(&worker)
-        .bind(QUEUE)
-        .execute(&pool);
+        let beat = crate::db::execute(
+            &pool,
+            sqlx::query(
+                "UPDATE apalis.workers SET last_seen = now() WHERE id = $1 AND worker_type = $2",
+            )
+            .bind(&worker)
+            .bind(QUEUE),
+        );
         if let Ok(Err(e)) = tokio::time::timeout(every, beat).await {
             tracing::debug!(error = %e, "heartbeat failed");
         }
@@ -517,13 +519,15 @@ async fn heartbeat(pool: PgPool, worker: String, every: Duration) {
 async fn release_after_stop(pool: &PgPool, worker: &str, rescue_after: Duration) -> u64 {
     let work = async {
         let released = release_jobs(pool, worker).await?;
-        sqlx::query(
-            "UPDATE apalis.workers SET last_seen = least(last_seen, now() - $2::interval)
-             WHERE id = $1",
+        crate::db::execute(
+            pool,
+            sqlx::query(
+                "UPDATE apalis.workers SET last_seen = least(last_seen, now() - $2::interval)
+                 WHERE id = $1",
+            )
+            .bind(worker)
+            .bind(interval(rescue_after)),
         )
-        .bind(worker)
-        .bind(interval(rescue_after))
-        .execute(pool)
         .await?;
         Ok::<u64, sqlx::Error>(released)
     };
@@ -555,16 +559,18 @@ fn interval(d: Duration) -> PgInterval {
 /// Put the claimed jobs of `worker` (an instance of this process that is no longer
 /// running) back to `Pending`. Counts as an attempt, like apalis's own re-enqueue.
 pub async fn release_jobs(pool: &PgPool, worker: &str) -> Result<u64, sqlx::Error> {
-    let n = sqlx::query(
-        "UPDATE apalis.jobs
-         SET status = 'Pending', lock_by = NULL, lock_at = NULL, done_at = NULL,
-             attempts = attempts + 1,
-             last_result = jsonb_build_object('Err', 'Released by worker ' || $2 || ' as it stopped')
-         WHERE job_type = $1 AND lock_by = $2 AND status IN ('Queued', 'Running')",
+    let n = crate::db::execute(
+        pool,
+        sqlx::query(
+            "UPDATE apalis.jobs
+             SET status = 'Pending', lock_by = NULL, lock_at = NULL, done_at = NULL,
+                 attempts = attempts + 1,
+                 last_result = jsonb_build_object('Err', 'Released by worker ' || $2 || ' as it stopped')
+             WHERE job_type = $1 AND lock_by = $2 AND status IN ('Queued', 'Running')",
+        )
+        .bind(QUEUE)
+        .bind(worker),
     )
-    .bind(QUEUE)
-    .bind(worker)
-    .execute(pool)
     .await?
     .rows_affected();
     if n > 0 {
@@ -588,7 +594,7 @@ pub struct Rescued {
 /// harmless.
 pub async fn rescue_orphans(pool: &PgPool, after: Duration) -> Result<Vec<Rescued>, sqlx::Error> {
     let after = interval(after);
-    let rows: Vec<(String, i64, f64)> = sqlx::query_as(
+    let query = sqlx::query_as(
         // Driven from the (few) silent workers through the lock_by index, and updated by
         // primary key: joining the job table to them is planned as a sequential scan of
         // the whole queue (150 ms per check with a 60k backlog, every heartbeat, on every
@@ -617,9 +623,8 @@ pub async fn rescue_orphans(pool: &PgPool, after: Duration) -> Result<Vec<Rescue
          SELECT worker, count(*), max(silent) FROM rescued GROUP BY worker ORDER BY worker",
     )
     .bind(QUEUE)
-    .bind(after)
-    .fetch_all(pool)
-    .await?;
+    .bind(after);
+    let rows: Vec<(String, i64, f64)> = crate::db::fetch_all(pool, query).await?;
     let rescued: Vec<Rescued> = rows
         .into_iter()
         .map(|(worker, jobs, silent_secs)| Rescued {

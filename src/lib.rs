@@ -31,6 +31,7 @@ pub mod worker;
 
 pub mod metrics;
 pub mod ops;
+pub mod roles;
 
 pub mod bench;
 pub mod serve;

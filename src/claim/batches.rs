@@ -48,6 +48,7 @@ use futures::{Sink, StreamExt};
 use sqlx::PgPool;
 
 use super::QUEUE;
+use crate::db;
 use crate::pipeline::{JobError, Outcome};
 use crate::validate::RawJob;
 
@@ -179,8 +180,9 @@ LIMIT $2
 FOR UPDATE SKIP LOCKED";
 
 async fn claim(pool: &PgPool, n: usize) -> Result<Option<ClaimedBatch>, sqlx::Error> {
-    let mut tx = pool.begin().await?;
+    let mut tx = db::begin(pool).await?;
     let rows: Vec<(String, Vec<u8>, i64)> = sqlx::query(CLAIM)
+        .persistent(db::persistent())
         .bind(QUEUE)
         .bind(i64::try_from(n).unwrap_or(i64::MAX))
         .try_map(|row: sqlx::postgres::PgRow| {
@@ -204,14 +206,16 @@ async fn claim(pool: &PgPool, n: usize) -> Result<Option<ClaimedBatch>, sqlx::Er
 
 /// Register (or refresh) a worker instance in `apalis.workers`, as apalis-postgres does.
 pub async fn register(pool: &PgPool, worker: &str) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "INSERT INTO apalis.workers (id, worker_type, storage_name, layers, last_seen, started_at)
-         VALUES ($1, $2, 'notifyd-batch', '', now(), now())
-         ON CONFLICT (id) DO UPDATE SET last_seen = now(), worker_type = EXCLUDED.worker_type",
+    db::execute(
+        pool,
+        sqlx::query(
+            "INSERT INTO apalis.workers (id, worker_type, storage_name, layers, last_seen, started_at)
+             VALUES ($1, $2, 'notifyd-batch', '', now(), now())
+             ON CONFLICT (id) DO UPDATE SET last_seen = now(), worker_type = EXCLUDED.worker_type",
+        )
+        .bind(worker)
+        .bind(QUEUE),
     )
-    .bind(worker)
-    .bind(QUEUE)
-    .execute(pool)
     .await?;
     Ok(())
 }
@@ -245,6 +249,7 @@ pub async fn settle(
          FROM unnest($2::text[], $3::jsonb[]) AS a(id, result)
          WHERE j.id = a.id AND j.id = ANY($2)",
     )
+    .persistent(db::persistent())
     .bind(worker)
     .bind(&bad)
     .bind(&reasons)
@@ -265,19 +270,21 @@ pub async fn fail(
     reason: &str,
 ) -> Result<u64, sqlx::Error> {
     let ids: Vec<&str> = jobs.iter().map(|j| j.id.as_str()).collect();
-    let n = sqlx::query(
-        "UPDATE apalis.jobs
-         SET status = 'Failed', attempts = attempts + 1, done_at = now(),
-             lock_by = $2, lock_at = now(), last_result = jsonb_build_object('Err', $3::text)
-         WHERE id = ANY(ARRAY(
-             SELECT id FROM apalis.jobs
-             WHERE id = ANY($1) AND status IN ('Pending', 'Failed')
-             FOR UPDATE SKIP LOCKED))",
+    let n = db::execute(
+        pool,
+        sqlx::query(
+            "UPDATE apalis.jobs
+             SET status = 'Failed', attempts = attempts + 1, done_at = now(),
+                 lock_by = $2, lock_at = now(), last_result = jsonb_build_object('Err', $3::text)
+             WHERE id = ANY(ARRAY(
+                 SELECT id FROM apalis.jobs
+                 WHERE id = ANY($1) AND status IN ('Pending', 'Failed')
+                 FOR UPDATE SKIP LOCKED))",
+        )
+        .bind(&ids)
+        .bind(worker)
+        .bind(reason),
     )
-    .bind(&ids)
-    .bind(worker)
-    .bind(reason)
-    .execute(pool)
     .await?
     .rows_affected();
     Ok(n)

@@ -33,6 +33,7 @@ pub mod limit;
 pub mod middleware;
 pub mod openapi;
 pub mod reads;
+pub mod session;
 pub mod stream;
 pub mod watermark;
 
@@ -53,7 +54,6 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::db;
 use auth::{JwtArgs, Verifier};
 use connections::ReadPool;
 use demo::Demo;
@@ -134,6 +134,9 @@ pub struct ServeArgs {
 
     #[command(flatten)]
     pub demo: DemoArgs,
+
+    #[command(flatten)]
+    pub session: session::SessionArgs,
 }
 
 /// Settings of the notification stream (`GET /api/notifications/stream`).
@@ -429,15 +432,30 @@ impl Service {
         settings: Settings,
         shutdown: watch::Receiver<bool>,
     ) -> Service {
-        let shutdown_timeout = settings.shutdown_timeout;
         let options = (*listen_pool.connect_options()).clone();
+        Service::start_with(options, Some(listen_pool), settings, shutdown)
+    }
+
+    /// [`Service::start`], with the reads' connection `options` of their own, and without
+    /// a LISTEN connection when `listen_pool` is `None` (the cache stays off, and waiters
+    /// re-read periodically, as while a listener is down).
+    pub fn start_with(
+        options: PgConnectOptions,
+        listen_pool: Option<PgPool>,
+        settings: Settings,
+        shutdown: watch::Receiver<bool>,
+    ) -> Service {
+        let shutdown_timeout = settings.shutdown_timeout;
         let state = AppState::new(options, settings);
-        let listener = tokio::spawn(watermark::listen(
-            state.0.cache.clone(),
-            state.0.hub.clone(),
-            listen_pool,
-            shutdown.clone(),
-        ));
+        let listener = match listen_pool {
+            Some(listen_pool) => tokio::spawn(watermark::listen(
+                state.0.cache.clone(),
+                state.0.hub.clone(),
+                listen_pool,
+                shutdown.clone(),
+            )),
+            None => tokio::spawn(async {}),
+        };
         let sweeper = {
             let state = state.clone();
             let stop = crate::shutdown::wait(shutdown);
@@ -523,9 +541,7 @@ pub async fn run(
     // Settings first: a bad one fails before anything connects.
     let settings = args.settings()?;
     let address = args.listen_address();
-    let listen_pool = db::connect(database_url, 1, "notifyd-serve-listen").await?;
-    db::check_schema(&listen_pool).await?;
-    reads::check_schema(&listen_pool).await?;
+    let (read_options, listen_pool) = session::connect(database_url, &args.session).await?;
     let tcp = TcpListener::bind(&address)
         .await
         .with_context(|| format!("cannot listen on {address} (NOTIFYD_LISTEN or PORT)"))?;
@@ -552,7 +568,7 @@ pub async fn run(
             demo.user()
         );
     }
-    let service = Service::start(listen_pool, settings, shutdown.clone());
+    let service = Service::start_with(read_options, listen_pool, settings, shutdown.clone());
     // Open the first read connection now: a bad setting shows at startup, and the first
     // request does not pay for the connection.
     reads::ping(service.state().pool())
