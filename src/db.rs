@@ -93,7 +93,9 @@ pub fn set_session_settings(settings: Settings) {
     for (name, value) in &settings {
         assert!(
             name.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
-                && value.bytes().all(|b| b.is_ascii_alphanumeric()),
+                && value
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_'),
             "session settings are fixed names and plain values"
         );
     }
@@ -136,8 +138,18 @@ pub fn persistent() -> bool {
 /// pooler (they are already set on the connection otherwise).
 pub async fn begin(pool: &PgPool) -> Result<sqlx::Transaction<'static, Postgres>, sqlx::Error> {
     if pooler() == Pooler::Transaction {
-        pool.begin_with(sqlx::AssertSqlSafe(settings().1.clone()))
+        // In a task of its own, so that a caller that gives up (a timeout around a
+        // heartbeat) cannot cut the BEGIN off halfway. Through a pooler the BEGIN is where
+        // a client waits for a free server connection, so that is where callers give up;
+        // and sqlx 0.9 forgets a BEGIN cancelled after it was sent (its guard rolls back
+        // only at depth > 0), which returns the connection to the pool inside an open
+        // transaction that then holds a server connection of the pooler. Finished here,
+        // a transaction nobody takes is dropped and rolled back as usual.
+        let pool = pool.clone();
+        let begin = settings().1.clone();
+        tokio::spawn(async move { pool.begin_with(sqlx::AssertSqlSafe(begin)).await })
             .await
+            .map_err(|e| sqlx::Error::Protocol(format!("begin task failed: {e}")))?
     } else {
         pool.begin().await
     }
