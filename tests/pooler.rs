@@ -147,8 +147,8 @@ async fn worker_and_read_api_through_pgbouncer_in_transaction_mode() {
         "pgb-w",
         &[
             pooled[0].clone(),
-            ("NOTIFYD_DB_POOL".into(), "10".into()),
-            ("NOTIFYD_CLEANUP_INTERVAL_SECS".into(), "1".into()),
+            ("NOTIFYD_DB_POOL", "10".into()),
+            ("NOTIFYD_CLEANUP_INTERVAL_SECS", "1".into()),
         ],
     );
     let started = Instant::now();
