@@ -113,7 +113,7 @@ export NOTIFYD_JWT_SECRET
 NOTIFYD_JWT_SECRET=$(head -c 36 /dev/urandom | base64)
 DATABASE_URL="$BENCH_URL" NOTIFYD_LISTEN="127.0.0.1:$PORT_" \
     NOTIFYD_USER_REQUESTS_PER_MINUTE=10000000 RUST_LOG="${BENCH_RUST_LOG:-warn}" \
-    "$BIN" serve >"$LOGS/bench-serve.log" 2>&1 </dev/null &
+    NOTIFYD_ALLOW_WRITABLE_ROLE=1 "$BIN" serve >"$LOGS/bench-serve.log" 2>&1 </dev/null &
 SERVE_PID=$!
 deadline=$((SECONDS + 30))
 until curl -fsS -o /dev/null --max-time 1 "http://127.0.0.1:$PORT_/readyz" 2>/dev/null; do

@@ -154,6 +154,10 @@ if [[ "$NOTIFYD_DEMO" == 1 && "$http_host" != 127.* && "$http_host" != localhost
     warn "demo mode on a non-loopback address ($listen): anyone who reaches it can read user $NOTIFYD_DEMO_USER's notifications (NOTIFYD_DEMO=0 turns it off)"
 fi
 
+# A development run uses the cluster's superuser for everything; serve refuses a role that
+# can write unless told (docs/OPERATIONS.md, Database roles, for the production setup).
+export NOTIFYD_ALLOW_WRITABLE_ROLE="${NOTIFYD_ALLOW_WRITABLE_ROLE:-1}"
+
 start worker worker
 start serve serve
 

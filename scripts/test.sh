@@ -14,7 +14,8 @@
 # and the browser client's node modules (`npm ci` in tests/browser and clients/js, again
 # only when package-lock.json changed; then the client is built with tsc), schemathesis in
 # the venv .notifyd/venv (tests/fuzz_api.rs, via NOTIFYD_SCHEMATHESIS), and the JWT
-# libraries of tests/jwt/requirements.txt there too (tests/serve_jwt_libraries.rs).
+# libraries of tests/jwt/requirements.txt there too (tests/serve_jwt_libraries.rs), and
+# Debian's pgbouncer (tests/pooler.rs starts private instances of it; NOTIFYD_PGBOUNCER).
 set -euo pipefail
 # shellcheck source=scripts/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -184,6 +185,20 @@ ensure_component() {
 
 begin "PostgreSQL"
 # shellcheck source=scripts/postgres.sh
+# Debian's pgbouncer binary for tests/pooler.rs, which runs private instances of it (its own
+# ini, port and process per test); the package's system service is not used.
+ensure_pgbouncer() {
+    local bin="${NOTIFYD_PGBOUNCER:-/usr/sbin/pgbouncer}"
+    if [[ ! -x "$bin" ]] && have pgbouncer; then bin=$(command -v pgbouncer); fi
+    if [[ ! -x "$bin" ]]; then
+        [[ -n "${NOTIFYD_PGBOUNCER:-}" ]] && die "NOTIFYD_PGBOUNCER=$NOTIFYD_PGBOUNCER is not an executable"
+        apt_install pgbouncer || die "could not install pgbouncer with apt-get (tests/pooler.rs needs it)"
+        bin=/usr/sbin/pgbouncer
+        [[ -x "$bin" ]] || die "apt-get installed pgbouncer, but $bin is not there"
+    fi
+    export NOTIFYD_PGBOUNCER="$bin"
+}
+
 source "$NOTIFYD_REPO/scripts/postgres.sh"
 export DATABASE_URL
 export NOTIFYD_TEST_DATABASE_URL="$DATABASE_URL"
@@ -205,6 +220,10 @@ ensure_node_modules tests/browser playwright-core
 ensure_node_modules clients/js esbuild
 build_js_client
 log "$("${CHROMIUM:-/usr/bin/chromium}" --version 2>/dev/null || echo chromium), node $(node --version)"
+
+begin "Connection pooler: pgbouncer"
+ensure_pgbouncer
+log "$("$NOTIFYD_PGBOUNCER" --version 2>/dev/null | head -n 1)"
 
 begin "API fuzzing: schemathesis"
 ensure_schemathesis

@@ -28,6 +28,7 @@ use sqlx::PgPool;
 use sqlx::postgres::types::PgInterval;
 
 use crate::contract::QUEUE;
+use crate::db;
 
 /// What a pass deletes.
 #[derive(Debug, Clone, Copy)]
@@ -69,16 +70,18 @@ fn interval(d: Duration) -> PgInterval {
 /// Delete finished (`Done`) queue rows, as written by older releases.
 pub async fn purge_done_jobs(pool: &PgPool, batch: i64) -> Result<u64, sqlx::Error> {
     repeat(batch, || {
-        sqlx::query(
-            "DELETE FROM apalis.jobs
+        db::execute(
+            pool,
+            sqlx::query(
+                "DELETE FROM apalis.jobs
              WHERE id = ANY(ARRAY(
                  SELECT id FROM apalis.jobs
                  WHERE job_type = $1 AND status = 'Done'
                  LIMIT $2 FOR UPDATE SKIP LOCKED))",
+            )
+            .bind(QUEUE)
+            .bind(batch),
         )
-        .bind(QUEUE)
-        .bind(batch)
-        .execute(pool)
     })
     .await
 }
@@ -89,19 +92,21 @@ pub async fn run_once(pool: &PgPool, retention: Retention) -> Result<Report, sql
     let batch = retention.batch;
     let done_jobs = purge_done_jobs(pool, batch).await?;
     let failed_jobs = repeat(batch, || {
-        sqlx::query(
-            "DELETE FROM apalis.jobs
+        db::execute(
+            pool,
+            sqlx::query(
+                "DELETE FROM apalis.jobs
              WHERE id = ANY(ARRAY(
                  SELECT id FROM apalis.jobs
                  WHERE job_type = $1
                    AND (status = 'Killed' OR (status = 'Failed' AND attempts >= max_attempts))
                    AND done_at < now() - $2::interval
                  LIMIT $3 FOR UPDATE SKIP LOCKED))",
+            )
+            .bind(QUEUE)
+            .bind(keep)
+            .bind(batch),
         )
-        .bind(QUEUE)
-        .bind(keep)
-        .bind(batch)
-        .execute(pool)
     })
     .await?;
     // Events before notifications: deleting a notification whose event row still exists
@@ -109,8 +114,10 @@ pub async fn run_once(pool: &PgPool, retention: Retention) -> Result<Report, sql
     // would be wasted on rows about to go. An event is processed when it has an outcome
     // or a notification (a stored event's record).
     let events = repeat(batch, || {
-        sqlx::query(
-            "DELETE FROM notify.events
+        db::execute(
+            pool,
+            sqlx::query(
+                "DELETE FROM notify.events
              WHERE id = ANY(ARRAY(
                  SELECT e.id FROM notify.events AS e
                  WHERE (e.created_at < now() - $1::interval
@@ -119,23 +126,25 @@ pub async fn run_once(pool: &PgPool, retention: Retention) -> Result<Report, sql
                                  WHERE n.event_id = e.id) IS NOT NULL))
                     OR e.created_at < now() - 2 * $1::interval
                  LIMIT $2 FOR UPDATE SKIP LOCKED))",
+            )
+            .bind(keep)
+            .bind(batch),
         )
-        .bind(keep)
-        .bind(batch)
-        .execute(pool)
     })
     .await?;
     let notifications = repeat(batch, || {
-        sqlx::query(
-            "DELETE FROM notify.notifications
+        db::execute(
+            pool,
+            sqlx::query(
+                "DELETE FROM notify.notifications
              WHERE ctid = ANY(ARRAY(
                  SELECT ctid FROM notify.notifications
                  WHERE created_at < now() - $1::interval
                  LIMIT $2 FOR UPDATE SKIP LOCKED))",
+            )
+            .bind(keep)
+            .bind(batch),
         )
-        .bind(keep)
-        .bind(batch)
-        .execute(pool)
     })
     .await?;
     // The store takes its per-user lock on these rows (inserting an empty one for a new
@@ -143,25 +152,29 @@ pub async fn run_once(pool: &PgPool, retention: Retention) -> Result<Report, sql
     // or none, so the next batch for that user simply starts a new one. Rows locked by a
     // batch in flight are skipped.
     let rate_windows = repeat(batch, || {
-        sqlx::query(
-            "DELETE FROM notify.rate_windows
+        db::execute(
+            pool,
+            sqlx::query(
+                "DELETE FROM notify.rate_windows
              WHERE user_id = ANY(ARRAY(
                  SELECT user_id FROM notify.rate_windows
                  WHERE stamps[1] IS NULL OR stamps[1] < now() - interval '7 days'
                  LIMIT $1 FOR UPDATE SKIP LOCKED))",
+            )
+            .bind(batch),
         )
-        .bind(batch)
-        .execute(pool)
     })
     .await?;
-    let workers = sqlx::query(
-        "DELETE FROM apalis.workers AS w
-         WHERE w.worker_type = $1
-           AND w.last_seen < now() - interval '1 day'
-           AND NOT EXISTS (SELECT 1 FROM apalis.jobs AS j WHERE j.lock_by = w.id)",
+    let workers = db::execute(
+        pool,
+        sqlx::query(
+            "DELETE FROM apalis.workers AS w
+             WHERE w.worker_type = $1
+               AND w.last_seen < now() - interval '1 day'
+               AND NOT EXISTS (SELECT 1 FROM apalis.jobs AS j WHERE j.lock_by = w.id)",
+        )
+        .bind(QUEUE),
     )
-    .bind(QUEUE)
-    .execute(pool)
     .await?
     .rows_affected();
     Ok(Report {
@@ -203,51 +216,64 @@ pub const VACUUMED_TABLES: [(&str, &str); 4] = [
 /// do not vacuum the same table at once.
 const VACUUM_LOCK: (i32, i32) = (0x6e6f_7466, 2);
 
+/// Said once per process: the vacuum safety net cannot run for a role that does not own
+/// the tables.
+static NOT_OWNER_SAID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// Vacuum the watched tables whose dead tuples exceed `max(min_dead, live / 4)`.
 ///
 /// Autovacuum normally keeps them bounded, but it can be off (it is on some servers, and
 /// then the queue table grows by ~3 dead tuples per job: 1.9 million after a 10-minute soak
 /// at 1,000 events/s, see BENCHMARKS.md) or lag behind a burst. This is the safety net: a
 /// cheap statistics check, and a plain `VACUUM (SKIP_LOCKED)` (no exclusive lock; readers
-/// and writers carry on) when it is needed. It needs the table's owner, normally the role
-/// that migrated; for another role Postgres skips the table with a warning. Returns the
-/// tables vacuumed.
+/// and writers carry on) when it is needed.
+///
+/// It needs the table's owner (Postgres 15 has no VACUUM privilege), normally the role that
+/// migrated. A worker running as a least-privilege role (`notifyd grants`) is not the
+/// owner: it skips the tables it does not own and says so once (autovacuum, which a managed
+/// server always runs, is then the only one). Replicas take an advisory lock so that they
+/// do not vacuum at once; through a transaction pooler a session lock cannot be held across
+/// statements, so there they rely on `SKIP_LOCKED` alone (a second VACUUM of the same table
+/// skips it). Returns the tables vacuumed.
 pub async fn vacuum_if_needed(pool: &PgPool, min_dead: i64) -> Result<Vec<String>, sqlx::Error> {
-    let mut conn = pool.acquire().await?;
+    let pooled = db::pooler() == db::Pooler::Transaction;
     let mut vacuumed = Vec::new();
+    let mut not_owned = Vec::new();
     for (schema, table) in VACUUMED_TABLES {
-        let stats: Option<(i64, i64)> = sqlx::query_as(
-            "SELECT n_dead_tup, n_live_tup FROM pg_stat_user_tables
-             WHERE schemaname = $1 AND relname = $2",
+        let stats: Option<(i64, i64, bool)> = db::fetch_optional(
+            pool,
+            sqlx::query_as(
+                "SELECT s.n_dead_tup, s.n_live_tup, pg_has_role(c.relowner, 'USAGE')
+                 FROM pg_stat_user_tables AS s JOIN pg_class AS c ON c.oid = s.relid
+                 WHERE s.schemaname = $1 AND s.relname = $2",
+            )
+            .bind(schema)
+            .bind(table),
         )
-        .bind(schema)
-        .bind(table)
-        .fetch_optional(&mut *conn)
         .await?;
-        let Some((dead, live)) = stats else { continue };
+        let Some((dead, live, owner)) = stats else {
+            continue;
+        };
         if dead < min_dead.max(live / 4) {
             continue;
         }
-        let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1, $2)")
-            .bind(VACUUM_LOCK.0)
-            .bind(VACUUM_LOCK.1)
-            .fetch_one(&mut *conn)
-            .await?;
-        if !locked {
+        if !owner {
+            not_owned.push(format!("{schema}.{table}"));
             continue;
         }
         let started = std::time::Instant::now();
-        let result = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-            "VACUUM (SKIP_LOCKED) {schema}.{table}"
-        )))
-        .execute(&mut *conn)
-        .await;
-        sqlx::query("SELECT pg_advisory_unlock($1, $2)")
-            .bind(VACUUM_LOCK.0)
-            .bind(VACUUM_LOCK.1)
-            .execute(&mut *conn)
-            .await?;
-        result?;
+        let statement = format!("VACUUM (SKIP_LOCKED) {schema}.{table}");
+        let result = if pooled {
+            sqlx::raw_sql(sqlx::AssertSqlSafe(statement))
+                .execute(pool)
+                .await
+                .map(|_| true)
+        } else {
+            vacuum_locked(pool, statement).await
+        };
+        if !result? {
+            continue;
+        }
         tracing::info!(
             table = %format!("{schema}.{table}"),
             dead_tuples = dead,
@@ -257,5 +283,36 @@ pub async fn vacuum_if_needed(pool: &PgPool, min_dead: i64) -> Result<Vec<String
         );
         vacuumed.push(format!("{schema}.{table}"));
     }
+    if !not_owned.is_empty() && !NOT_OWNER_SAID.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        tracing::warn!(
+            tables = ?not_owned,
+            "dead tuples are piling up, and the vacuum safety net needs the tables' owner, \
+             which this role is not: leaving them to autovacuum (check that it is on, or \
+             VACUUM these tables as their owner)"
+        );
+    }
     Ok(vacuumed)
+}
+
+/// Run `statement` (a VACUUM) under the replicas' advisory lock, on one session; false if
+/// another replica holds the lock.
+async fn vacuum_locked(pool: &PgPool, statement: String) -> Result<bool, sqlx::Error> {
+    let mut conn = pool.acquire().await?;
+    let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1, $2)")
+        .bind(VACUUM_LOCK.0)
+        .bind(VACUUM_LOCK.1)
+        .fetch_one(&mut *conn)
+        .await?;
+    if !locked {
+        return Ok(false);
+    }
+    let result = sqlx::raw_sql(sqlx::AssertSqlSafe(statement))
+        .execute(&mut *conn)
+        .await;
+    sqlx::query("SELECT pg_advisory_unlock($1, $2)")
+        .bind(VACUUM_LOCK.0)
+        .bind(VACUUM_LOCK.1)
+        .execute(&mut *conn)
+        .await?;
+    result.map(|_| true)
 }

@@ -35,6 +35,13 @@ pub struct GlobalArgs {
     /// RUST_LOG (default "info").
     #[arg(long, env = "NOTIFYD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Human, global = true)]
     pub log_format: LogFormat,
+
+    /// What DATABASE_URL points at: `none` (Postgres itself), `session` (a pooler in
+    /// session mode, e.g. PgBouncer `pool_mode = session`) or `transaction` (a pooler in
+    /// transaction mode: statements unnamed and inside transactions, settings as SET
+    /// LOCAL; see docs/OPERATIONS.md, Connection poolers).
+    #[arg(long, env = "NOTIFYD_DB_POOLER", value_enum, default_value_t = crate::db::Pooler::None, global = true)]
+    pub db_pooler: crate::db::Pooler,
 }
 
 impl GlobalArgs {
@@ -73,6 +80,9 @@ pub enum Command {
     Status(crate::ops::StatusArgs),
     /// Inspect and steer queue jobs: stats, failed, show, retry, discard, settings.
     Jobs(crate::ops::JobsArgs),
+    /// Create the backend, worker and reader roles (NOLOGIN) and grant each exactly what it
+    /// needs. Idempotent; run it after `notifyd migrate`, as the schema's owner.
+    Grants(crate::roles::GrantsArgs),
 }
 
 #[derive(Debug, Clone, Args)]

@@ -35,6 +35,7 @@ pub mod serve;
 
 // Operators' commands.
 pub mod ops;
+pub mod roles;
 
 // Infrastructure.
 pub mod config;

@@ -2,7 +2,7 @@ use clap::Parser;
 
 use notifyd::config::{Cli, Command};
 use notifyd::telemetry::{self, series};
-use notifyd::{cleanup, db, ops, serve, shutdown, worker};
+use notifyd::{cleanup, db, ops, roles, serve, shutdown, worker};
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
@@ -19,6 +19,7 @@ async fn main() -> std::process::ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    db::set_pooler(cli.global.db_pooler);
     match cli.command {
         Command::Migrate => {
             let pool = db::connect(cli.global.database_url()?, 2, "notifyd-migrate").await?;
@@ -58,6 +59,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let pool = db::connect(cli.global.database_url()?, 2, "notifyd-ops").await?;
             db::check_schema(&pool).await?;
             ops::run_jobs(&pool, &args).await
+        }
+        Command::Grants(args) => {
+            let pool = db::connect(cli.global.database_url()?, 1, "notifyd-grants").await?;
+            db::check_schema(&pool).await?;
+            roles::run_grants(&pool, &args).await
         }
     }
 }

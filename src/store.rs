@@ -147,6 +147,7 @@ pub async fn fetch_events<'e>(
                           WHERE n.event_id = e.id)) AS outcome
          FROM notify.events AS e WHERE e.id = ANY($1)",
     )
+    .persistent(crate::db::persistent())
     .bind(ids)
     .fetch_all(db)
     .await
@@ -170,6 +171,7 @@ pub async fn apply_in(
     if batch.is_empty() {
         if !finished_jobs.is_empty() {
             sqlx::query("DELETE FROM apalis.jobs WHERE id = ANY($1)")
+                .persistent(crate::db::persistent())
                 .bind(finished_jobs)
                 .execute(&mut *tx)
                 .await?;
@@ -196,6 +198,7 @@ async fn lock_users<'a>(
          SELECT u, '{}', '{}' FROM unnest($1::text[]) WITH ORDINALITY AS x(u, n) ORDER BY n
          ON CONFLICT (user_id) DO UPDATE SET stamps = w.stamps WHERE false",
     )
+    .persistent(crate::db::persistent())
     .bind(&users)
     .execute(&mut *tx)
     .await?;
@@ -350,6 +353,7 @@ async fn decide_and_store(
         microseconds: i64::try_from(rate.window.as_micros()).unwrap_or(i64::MAX),
     };
     let rows: Vec<StoreRow> = sqlx::query_as(DECIDE_AND_STORE)
+        .persistent(crate::db::persistent())
         .bind(&ids)
         .bind(&users)
         .bind(&types)

@@ -52,12 +52,6 @@ pub async fn run(
     args: WorkerArgs,
     shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
-    let url = with_option(
-        database_url,
-        "idle_in_transaction_session_timeout",
-        Duration::from_secs(args.idle_tx_timeout_secs),
-    );
-    let url = with_option(&url, "lock_timeout", LOCK_TIMEOUT);
     for name in RETIRED_SETTINGS {
         if std::env::var_os(name).is_some() {
             tracing::warn!(
@@ -67,6 +61,16 @@ pub async fn run(
             );
         }
     }
+    // Set on every session, or per transaction through a transaction pooler (db.rs).
+    let mut settings = vec![("lock_timeout", LOCK_TIMEOUT.as_millis().to_string())];
+    if args.idle_tx_timeout_secs > 0 {
+        settings.push((
+            "idle_in_transaction_session_timeout",
+            (args.idle_tx_timeout_secs * 1000).to_string(),
+        ));
+    }
+    db::set_session_settings(settings);
+    let url = database_url;
     let claim_settings = args.claim();
     // The replica's name in pg_stat_activity, so that an operator (or a test) can tell
     // which replica holds which session and which row locks.
@@ -74,7 +78,7 @@ pub async fn run(
     // Every batch in flight holds a connection from its claim to its commit; the claim,
     // heartbeat, cleanup and metrics loops need a few more.
     let pool_size = args.db_pool.max(args.store_flushers + 4);
-    let pool = db::connect(&url, pool_size, &app).await?;
+    let pool = db::connect(url, pool_size, &app).await?;
     db::check_schema(&pool).await?;
     match db::enqueue_notify_triggers(&pool).await {
         Ok(found) if !found.is_empty() => tracing::warn!(
@@ -164,23 +168,6 @@ pub async fn run(
     Ok(())
 }
 
-/// The database URL with the server setting `name` (a duration, in milliseconds) for every
-/// session (sqlx reads `options[...]` query parameters). Unchanged when `value` is 0 or the
-/// URL does not parse (`db::connect` then reports the URL error).
-fn with_option(database_url: &str, name: &str, value: Duration) -> String {
-    if value.is_zero() {
-        return database_url.to_owned();
-    }
-    match url::Url::parse(database_url) {
-        Ok(mut url) => {
-            url.query_pairs_mut()
-                .append_pair(&format!("options[{name}]"), &value.as_millis().to_string());
-            url.to_string()
-        }
-        Err(_) => database_url.to_owned(),
-    }
-}
-
 /// Refresh the queue gauges on /metrics.
 async fn queue_metrics_loop(
     pool: PgPool,
@@ -233,38 +220,5 @@ async fn cleanup_loop(
             _ = tokio::time::sleep(every) => {}
             _ = shutdown.wait_for(|s| *s) => return,
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn idle_transaction_timeout_rides_on_the_url() {
-        let url = with_option(
-            "postgres://u@h:5432/db?sslmode=disable",
-            "idle_in_transaction_session_timeout",
-            Duration::from_secs(10),
-        );
-        assert_eq!(
-            url,
-            "postgres://u@h:5432/db?sslmode=disable&options%5Bidle_in_transaction_session_timeout%5D=10000"
-        );
-        let options: sqlx::postgres::PgConnectOptions = url.parse().unwrap();
-        assert_eq!(
-            options.get_options(),
-            Some("-c idle_in_transaction_session_timeout=10000")
-        );
-        assert_eq!(
-            with_option("postgres://h/db", "lock_timeout", Duration::ZERO),
-            "postgres://h/db"
-        );
-        let both = with_option(&url, "lock_timeout", LOCK_TIMEOUT);
-        let options: sqlx::postgres::PgConnectOptions = both.parse().unwrap();
-        assert_eq!(
-            options.get_options(),
-            Some("-c idle_in_transaction_session_timeout=10000 -c lock_timeout=10000")
-        );
     }
 }

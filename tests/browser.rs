@@ -122,6 +122,8 @@ impl Serve {
                 .env("NOTIFYD_JWT_SECRET", JWT_SECRET)
                 .env("NOTIFYD_DEMO_USER", DEMO_USER)
                 .env("NOTIFYD_USER_REQUESTS_PER_MINUTE", "100000")
+                // The suite's role is the server's superuser.
+                .env("NOTIFYD_ALLOW_WRITABLE_ROLE", "1")
                 .env("RUST_LOG", "info,sqlx=warn")
                 .envs(self.env.iter().map(|(k, v)| (k, v)))
                 .env_remove("PORT")

@@ -36,10 +36,26 @@ fn run(cmd: &mut Command, what: &str) -> Output {
     out
 }
 
-fn psql_file(db: &TestDb, file: &Path) -> Output {
+/// A login role in this database's backend role of `notifyd grants`, as a backend would
+/// connect; it may also create its own tables in `public` (the example's business table).
+/// Everything in `jobs/` runs as it.
+async fn backend_url(db: &TestDb) -> String {
+    let roles = db.grant_roles().await;
+    let url = db.login_as(&roles.backend).await;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "GRANT CREATE ON SCHEMA public TO {}_login",
+        roles.backend
+    )))
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    url
+}
+
+fn psql_file(url: &str, file: &Path) -> Output {
     run(
         Command::new("psql")
-            .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", &db.url, "-f"])
+            .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", url, "-f"])
             .arg(file),
         &format!("psql -f {}", file.display()),
     )
@@ -85,7 +101,9 @@ async fn outcome_by_body(db: &TestDb, body: &str) -> Option<String> {
 #[tokio::test]
 async fn enqueue_sql_runs_verbatim_and_its_events_become_the_documented_outcomes() {
     let db = TestDb::new().await;
-    psql_file(&db, &jobs_dir().join("enqueue.sql"));
+    let backend_url = backend_url(&db).await;
+    let backend = sqlx::PgPool::connect(&backend_url).await.unwrap();
+    psql_file(&backend_url, &jobs_dir().join("enqueue.sql"));
 
     // What the file enqueued: 14 events (13 due, 1 delayed), one job each; the repeats of an
     // idempotency key and the rolled-back transaction added nothing.
@@ -217,7 +235,7 @@ async fn enqueue_sql_runs_verbatim_and_its_events_become_the_documented_outcomes
     }
     let suppressed: Vec<(String, String, i64, i64, i64)> =
         sqlx::query_as(sqlx::AssertSqlSafe(q["suppressed_counts"].clone()))
-            .fetch_all(&db.pool)
+            .fetch_all(&backend)
             .await
             .unwrap();
     assert_eq!(
@@ -230,18 +248,18 @@ async fn enqueue_sql_runs_verbatim_and_its_events_become_the_documented_outcomes
         Option<String>,
         Option<chrono::DateTime<chrono::Utc>>,
     ) = sqlx::query_as(sqlx::AssertSqlSafe(q["event_status"].clone()))
-        .fetch_one(&db.pool)
+        .fetch_one(&backend)
         .await
         .unwrap();
     assert_eq!(outcome.as_deref(), Some("stored"));
     let backlog: (i64, i64) = sqlx::query_as(sqlx::AssertSqlSafe(q["backlog"].clone()))
-        .fetch_one(&db.pool)
+        .fetch_one(&backend)
         .await
         .unwrap();
     assert_eq!(backlog, (0, 1));
     let prefs: Vec<(String, bool)> =
         sqlx::query_as(sqlx::AssertSqlSafe(q["list_preferences"].clone()))
-            .fetch_all(&db.pool)
+            .fetch_all(&backend)
             .await
             .unwrap();
     assert!(
@@ -255,7 +273,7 @@ async fn enqueue_sql_runs_verbatim_and_its_events_become_the_documented_outcomes
         .await;
     process(&db.pipeline(), &[bad]).await;
     let invalid = sqlx::query(sqlx::AssertSqlSafe(q["invalid_reasons"].clone()))
-        .fetch_all(&db.pool)
+        .fetch_all(&backend)
         .await
         .unwrap();
     assert_eq!(invalid.len(), 1);
@@ -285,7 +303,7 @@ async fn enqueue_sql_runs_verbatim_and_its_events_become_the_documented_outcomes
     )
     .bind("42")
     .bind(&ids)
-    .execute(&db.pool)
+    .execute(&backend)
     .await
     .unwrap();
     assert_eq!(r.rows_affected(), 2);
@@ -295,7 +313,7 @@ async fn enqueue_sql_runs_verbatim_and_its_events_become_the_documented_outcomes
         2
     );
     let r = sqlx::query(sqlx::AssertSqlSafe(q["mark_all_read"].clone()))
-        .execute(&db.pool)
+        .execute(&backend)
         .await
         .unwrap();
     assert!(r.rows_affected() > 0);
@@ -409,11 +427,11 @@ fn require_psycopg() {
     }
 }
 
-fn run_python_example(db: &TestDb) -> serde_json::Value {
+fn run_python_example(url: &str) -> serde_json::Value {
     let out = run(
         Command::new("python3")
             .arg(jobs_dir().join("enqueue_example.py"))
-            .env("DATABASE_URL", &db.url),
+            .env("DATABASE_URL", url),
         "python3 jobs/enqueue_example.py",
     );
     let stdout = String::from_utf8(out.stdout).unwrap();
@@ -427,7 +445,8 @@ fn run_python_example(db: &TestDb) -> serde_json::Value {
 async fn the_python_example_enqueues_in_the_business_transaction() {
     require_psycopg();
     let db = TestDb::new().await;
-    let summary = run_python_example(&db);
+    let url = backend_url(&db).await;
+    let summary = run_python_example(&url);
     assert_eq!(summary["failures"], serde_json::json!([]));
 
     let committed = &summary["committed"];
@@ -487,7 +506,7 @@ async fn the_python_example_enqueues_in_the_business_transaction() {
     assert!(matches!(out[0], Outcome::Stored { .. }), "{out:?}");
 
     // It can run again against the same database (the table already exists).
-    let again = run_python_example(&db);
+    let again = run_python_example(&url);
     assert_eq!(again["failures"], serde_json::json!([]));
     assert_ne!(again["committed"]["event_id"], committed["event_id"]);
     assert_eq!(db.count("SELECT count(*) FROM notify.events").await, 2);
@@ -552,7 +571,7 @@ print(json.dumps(result))
         Command::new("python3")
             .args(["-c", script])
             .arg(jobs_dir())
-            .arg(&db.url),
+            .arg(backend_url(&db).await),
         "python3 (helpers)",
     );
     let stdout = String::from_utf8(out.stdout).unwrap();

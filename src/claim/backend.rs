@@ -42,6 +42,7 @@ use futures::{Sink, StreamExt};
 use sqlx::PgPool;
 
 use crate::contract::QUEUE;
+use crate::db;
 use crate::pipeline::{Answer, JobRef};
 
 /// One claimed queue job.
@@ -194,8 +195,9 @@ FOR UPDATE SKIP LOCKED";
 
 /// Claim up to `n` due jobs ([`CLAIM`]); `None` when nothing is claimable.
 pub async fn claim_due(pool: &PgPool, n: usize) -> Result<Option<ClaimedBatch>, sqlx::Error> {
-    let mut tx = pool.begin().await?;
+    let mut tx = db::begin(pool).await?;
     let rows: Vec<(String, Vec<u8>, i64)> = sqlx::query(CLAIM)
+        .persistent(db::persistent())
         .bind(QUEUE)
         .bind(i64::try_from(n).unwrap_or(i64::MAX))
         .try_map(|row: sqlx::postgres::PgRow| {
@@ -244,6 +246,7 @@ pub async fn settle(
          FROM unnest($2::text[], $3::jsonb[]) AS a(id, result)
          WHERE j.id = a.id AND j.id = ANY($2)",
     )
+    .persistent(db::persistent())
     .bind(worker)
     .bind(&bad)
     .bind(&reasons)
@@ -264,19 +267,21 @@ pub async fn fail(
     reason: &str,
 ) -> Result<u64, sqlx::Error> {
     let ids: Vec<&str> = jobs.iter().map(|j| j.id.as_str()).collect();
-    let n = sqlx::query(
-        "UPDATE apalis.jobs
-         SET status = 'Failed', attempts = attempts + 1, done_at = now(),
-             lock_by = $2, lock_at = now(), last_result = jsonb_build_object('Err', $3::text)
-         WHERE id = ANY(ARRAY(
-             SELECT id FROM apalis.jobs
-             WHERE id = ANY($1) AND status IN ('Pending', 'Failed')
-             FOR UPDATE SKIP LOCKED))",
+    let n = db::execute(
+        pool,
+        sqlx::query(
+            "UPDATE apalis.jobs
+             SET status = 'Failed', attempts = attempts + 1, done_at = now(),
+                 lock_by = $2, lock_at = now(), last_result = jsonb_build_object('Err', $3::text)
+             WHERE id = ANY(ARRAY(
+                 SELECT id FROM apalis.jobs
+                 WHERE id = ANY($1) AND status IN ('Pending', 'Failed')
+                 FOR UPDATE SKIP LOCKED))",
+        )
+        .bind(&ids)
+        .bind(worker)
+        .bind(reason),
     )
-    .bind(&ids)
-    .bind(worker)
-    .bind(reason)
-    .execute(pool)
     .await?
     .rows_affected();
     Ok(n)

@@ -12,17 +12,20 @@ use sqlx::PgPool;
 use sqlx::postgres::types::PgInterval;
 
 use crate::contract::QUEUE;
+use crate::db;
 
 /// Register (or refresh) a worker instance, as apalis-postgres does.
 pub async fn register(pool: &PgPool, worker: &str) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "INSERT INTO apalis.workers (id, worker_type, storage_name, layers, last_seen, started_at)
-         VALUES ($1, $2, 'notifyd-batch', '', now(), now())
-         ON CONFLICT (id) DO UPDATE SET last_seen = now(), worker_type = EXCLUDED.worker_type",
+    db::execute(
+        pool,
+        sqlx::query(
+            "INSERT INTO apalis.workers (id, worker_type, storage_name, layers, last_seen, started_at)
+             VALUES ($1, $2, 'notifyd-batch', '', now(), now())
+             ON CONFLICT (id) DO UPDATE SET last_seen = now(), worker_type = EXCLUDED.worker_type",
+        )
+        .bind(worker)
+        .bind(QUEUE),
     )
-    .bind(worker)
-    .bind(QUEUE)
-    .execute(pool)
     .await?;
     Ok(())
 }
@@ -34,12 +37,14 @@ pub async fn heartbeat(pool: PgPool, worker: String, every: Duration) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let beat = sqlx::query(
-            "UPDATE apalis.workers SET last_seen = now() WHERE id = $1 AND worker_type = $2",
-        )
-        .bind(&worker)
-        .bind(QUEUE)
-        .execute(&pool);
+        let beat = db::execute(
+            &pool,
+            sqlx::query(
+                "UPDATE apalis.workers SET last_seen = now() WHERE id = $1 AND worker_type = $2",
+            )
+            .bind(&worker)
+            .bind(QUEUE),
+        );
         if let Ok(Err(e)) = tokio::time::timeout(every, beat).await {
             tracing::debug!(error = %e, "heartbeat failed");
         }
@@ -53,17 +58,19 @@ const STOP_MARK_TIMEOUT: Duration = Duration::from_secs(1);
 /// `notifyd status` shows it gone at once. Best effort and time-bounded (the database may
 /// be the reason it stopped).
 pub async fn mark_stopped(pool: &PgPool, worker: &str, silent_after: Duration) {
-    let mark = sqlx::query(
-        "UPDATE apalis.workers SET last_seen = least(last_seen, now() - $2::interval)
-         WHERE id = $1",
-    )
-    .bind(worker)
-    .bind(PgInterval {
-        months: 0,
-        days: 0,
-        microseconds: i64::try_from(silent_after.as_micros()).unwrap_or(i64::MAX),
-    })
-    .execute(pool);
+    let mark = db::execute(
+        pool,
+        sqlx::query(
+            "UPDATE apalis.workers SET last_seen = least(last_seen, now() - $2::interval)
+             WHERE id = $1",
+        )
+        .bind(worker)
+        .bind(PgInterval {
+            months: 0,
+            days: 0,
+            microseconds: i64::try_from(silent_after.as_micros()).unwrap_or(i64::MAX),
+        }),
+    );
     match tokio::time::timeout(STOP_MARK_TIMEOUT, mark).await {
         Ok(Ok(_)) => {}
         Ok(Err(e)) => tracing::debug!(error = %e, "could not mark the stopped instance"),

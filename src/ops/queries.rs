@@ -11,6 +11,7 @@ use serde::Serialize;
 use sqlx::PgPool;
 
 use crate::contract::QUEUE;
+use crate::db;
 use crate::telemetry::series::QueueGauges;
 use crate::validate::parse_job;
 
@@ -61,7 +62,7 @@ impl QueueStats {
 }
 
 pub async fn queue_stats(pool: &PgPool) -> Result<QueueStats, sqlx::Error> {
-    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+    let query = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT count(*) FILTER (WHERE status = 'Pending') AS pending,
                 count(*) FILTER (WHERE status = 'Pending' AND run_at > now()) AS scheduled,
                 count(*) FILTER (WHERE status = 'Queued') AS queued,
@@ -74,9 +75,10 @@ pub async fn queue_stats(pool: &PgPool) -> Result<QueueStats, sqlx::Error> {
                       AND run_at <= now())), 0)::float8 AS lag_secs
          FROM apalis.jobs WHERE job_type = $1"
     )))
-    .bind(QUEUE)
-    .fetch_one(pool)
-    .await
+    .bind(QUEUE);
+    db::fetch_optional(pool, query)
+        .await?
+        .ok_or(sqlx::Error::RowNotFound)
 }
 
 /// A worker's heartbeat row.
@@ -94,7 +96,7 @@ pub struct WorkerRow {
 
 /// Workers seen in the last hour, and any older one that still holds jobs.
 pub async fn workers(pool: &PgPool, silent_after: Duration) -> Result<Vec<WorkerRow>, sqlx::Error> {
-    let mut rows: Vec<WorkerRow> = sqlx::query_as(
+    let query = sqlx::query_as(
         "SELECT w.id AS name, w.last_seen,
                 extract(epoch FROM now() - w.last_seen)::float8 AS silent_secs,
                 (SELECT count(*) FROM apalis.jobs AS j
@@ -107,9 +109,8 @@ pub async fn workers(pool: &PgPool, silent_after: Duration) -> Result<Vec<Worker
          ORDER BY w.last_seen DESC, w.id
          LIMIT 200",
     )
-    .bind(QUEUE)
-    .fetch_all(pool)
-    .await?;
+    .bind(QUEUE);
+    let mut rows: Vec<WorkerRow> = db::fetch_all(pool, query).await?;
     for w in &mut rows {
         w.alive = w.silent_secs < silent_after.as_secs_f64();
     }

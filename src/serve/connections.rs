@@ -17,9 +17,12 @@
 //!   idempotent);
 //! * connections older than [`MAX_AGE`] are closed when they come back, so server-side
 //!   memory and configuration changes do not outlive them forever;
-//! * every connection has `statement_timeout` set (a startup parameter: a PgBouncer in
-//!   front needs `ignore_startup_parameters = extra_float_digits,options`), so a read
-//!   abandoned by its request does not keep running on the server.
+//! * every read runs with `statement_timeout` set, so a read abandoned by its request does
+//!   not keep running on the server: `SET` once per connection, or, through a transaction
+//!   pooler (`NOTIFYD_DB_POOLER=transaction`), as `SET LOCAL` in the `BEGIN` of a
+//!   transaction around the read, which is also what keeps the read's unnamed statement on
+//!   one server connection (see `db.rs`). Never as a startup parameter, which a pooler
+//!   refuses or drops.
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -34,6 +37,10 @@ pub const MAX_AGE: Duration = Duration::from_secs(30 * 60);
 
 pub struct ReadPool {
     options: PgConnectOptions,
+    /// `SET statement_timeout = ...` for a new connection, or, through a transaction
+    /// pooler, `BEGIN; SET LOCAL statement_timeout = ...` for every read.
+    timeout_sql: String,
+    pooled: bool,
     idle: Mutex<Vec<(PgConnection, Instant)>>,
     permits: Semaphore,
 }
@@ -42,12 +49,17 @@ impl ReadPool {
     /// Connect lazily with `options`, at most `size` connections, each with
     /// `statement_timeout` set.
     pub fn new(options: PgConnectOptions, size: u32, statement_timeout: Duration) -> Self {
-        let options = options.options([(
-            "statement_timeout",
-            format!("{}ms", statement_timeout.as_millis()),
-        )]);
+        let pooled = crate::db::pooler() == crate::db::Pooler::Transaction;
+        let ms = statement_timeout.as_millis();
+        let timeout_sql = if pooled {
+            format!("BEGIN; SET LOCAL statement_timeout = {ms}")
+        } else {
+            format!("SET statement_timeout = {ms}")
+        };
         ReadPool {
             options,
+            timeout_sql,
+            pooled,
             idle: Mutex::new(Vec::new()),
             permits: Semaphore::new(size.max(1) as usize),
         }
@@ -62,7 +74,15 @@ impl ReadPool {
         let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
         let (conn, born, reused) = match idle {
             Some((conn, born)) => (conn, born, true),
-            None => (self.options.connect().await?, Instant::now(), false),
+            None => {
+                let mut conn = self.options.connect().await?;
+                if !self.pooled {
+                    sqlx::raw_sql(sqlx::AssertSqlSafe(self.timeout_sql.clone()))
+                        .execute(&mut conn)
+                        .await?;
+                }
+                (conn, Instant::now(), false)
+            }
         };
         Ok(Lease {
             pool: self,
@@ -82,7 +102,12 @@ impl ReadPool {
         loop {
             let mut lease = self.lease().await?;
             let conn = lease.conn.as_mut().expect("a lease holds its connection");
-            match make().fetch_all(&mut *conn).await {
+            let rows = if self.pooled {
+                self.fetch_in_transaction(conn, make()).await
+            } else {
+                make().fetch_all(&mut *conn).await
+            };
+            match rows {
                 Ok(rows) => {
                     lease.release();
                     return Ok(rows);
@@ -96,6 +121,19 @@ impl ReadPool {
                 Err(e) => return Err(e),
             }
         }
+    }
+
+    async fn fetch_in_transaction<'q>(
+        &self,
+        conn: &mut PgConnection,
+        query: Query<'q, Postgres, PgArguments>,
+    ) -> Result<Vec<PgRow>, sqlx::Error> {
+        let mut tx =
+            sqlx::Connection::begin_with(conn, sqlx::AssertSqlSafe(self.timeout_sql.clone()))
+                .await?;
+        let rows = query.persistent(false).fetch_all(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(rows)
     }
 
     /// Connections currently idle.

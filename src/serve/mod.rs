@@ -37,6 +37,7 @@ pub mod openapi;
 pub mod reads;
 pub mod rfc3339;
 pub mod service;
+pub mod session;
 pub mod settings;
 pub mod state;
 pub mod stream;

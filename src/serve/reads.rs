@@ -258,10 +258,15 @@ pub async fn ping(pool: &ReadPool) -> Result<(), sqlx::Error> {
 
 /// Fail with a clear message when this service's migration has not been applied.
 pub async fn check_schema(pool: &PgPool) -> anyhow::Result<()> {
-    let ready: bool =
-        sqlx::query_scalar("SELECT to_regclass('notify.notification_horizons') IS NOT NULL")
-            .fetch_one(pool)
-            .await?;
+    let ready: bool = crate::db::fetch_one(
+        pool,
+        sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM pg_class AS c
+                            JOIN pg_namespace AS n ON n.oid = c.relnamespace
+                            WHERE n.nspname = 'notify' AND c.relname = 'notification_horizons')",
+        ),
+    )
+    .await?;
     anyhow::ensure!(
         ready,
         "the database lacks the read service's migration (notify.notification_horizons): \

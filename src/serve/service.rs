@@ -12,14 +12,14 @@ use anyhow::Context;
 use axum::Router;
 use axum::serve::ListenerExt;
 use sqlx::PgPool;
+use sqlx::postgres::PgConnectOptions;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use super::settings::{ServeArgs, Settings, TokenArgs};
 use super::state::AppState;
-use super::{app, auth, reads, watermark};
-use crate::db;
+use super::{app, auth, reads, session, watermark};
 use crate::telemetry::series;
 
 /// How often the cache and the rate limiter forget idle users.
@@ -41,15 +41,30 @@ impl Service {
         settings: Settings,
         shutdown: watch::Receiver<bool>,
     ) -> Service {
-        let shutdown_timeout = settings.shutdown_timeout;
         let options = (*listen_pool.connect_options()).clone();
+        Service::start_with(options, Some(listen_pool), settings, shutdown)
+    }
+
+    /// [`Service::start`], with the reads' connection `options` of their own, and without
+    /// a LISTEN connection when `listen_pool` is `None` (the cache stays off, and waiters
+    /// re-read periodically, as while a listener is down).
+    pub fn start_with(
+        options: PgConnectOptions,
+        listen_pool: Option<PgPool>,
+        settings: Settings,
+        shutdown: watch::Receiver<bool>,
+    ) -> Service {
+        let shutdown_timeout = settings.shutdown_timeout;
         let state = AppState::new(options, settings);
-        let listener = tokio::spawn(watermark::listen(
-            state.0.cache.clone(),
-            state.0.hub.clone(),
-            listen_pool,
-            shutdown.clone(),
-        ));
+        let listener = match listen_pool {
+            Some(listen_pool) => tokio::spawn(watermark::listen(
+                state.0.cache.clone(),
+                state.0.hub.clone(),
+                listen_pool,
+                shutdown.clone(),
+            )),
+            None => tokio::spawn(async {}),
+        };
         let reloader = auth::reload_on_sighup(&state, shutdown.clone());
         let sweeper = {
             let state = state.clone();
@@ -139,9 +154,7 @@ pub async fn run(
     // Settings first: a bad one fails before anything connects.
     let settings = args.settings()?;
     let address = args.listen_address();
-    let listen_pool = db::connect(database_url, 1, "notifyd-serve-listen").await?;
-    db::check_schema(&listen_pool).await?;
-    reads::check_schema(&listen_pool).await?;
+    let (read_options, listen_pool) = session::connect(database_url, &args.session).await?;
     let tcp = TcpListener::bind(&address)
         .await
         .with_context(|| format!("cannot listen on {address} (NOTIFYD_LISTEN or PORT)"))?;
@@ -168,7 +181,7 @@ pub async fn run(
             demo.user()
         );
     }
-    let service = Service::start(listen_pool, settings, shutdown.clone());
+    let service = Service::start_with(read_options, listen_pool, settings, shutdown.clone());
     // Open the first read connection now: a bad setting shows at startup, and the first
     // request does not pay for the connection.
     reads::ping(service.state().pool())

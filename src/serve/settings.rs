@@ -84,6 +84,9 @@ pub struct ServeArgs {
 
     #[command(flatten)]
     pub demo: DemoArgs,
+
+    #[command(flatten)]
+    pub session: super::session::SessionArgs,
 }
 
 /// Settings of the notification stream (`GET /api/notifications/stream`).

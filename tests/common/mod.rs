@@ -184,6 +184,56 @@ impl TestDb {
     }
 }
 
+/// The three roles of `notifyd grants` for one test database (roles are cluster-wide, so
+/// their names carry the database's), with a login role in each.
+pub struct Roles {
+    pub backend: String,
+    pub worker: String,
+    pub reader: String,
+}
+
+impl TestDb {
+    /// Run `notifyd grants` (in process, as the owner) with this database's role names.
+    pub async fn grant_roles(&self) -> Roles {
+        let roles = Roles {
+            backend: format!("{}_backend", self.name),
+            worker: format!("{}_worker", self.name),
+            reader: format!("{}_reader", self.name),
+        };
+        notifyd::roles::run_grants(
+            &self.pool,
+            &notifyd::roles::GrantsArgs {
+                backend_role: roles.backend.clone(),
+                worker_role: roles.worker.clone(),
+                reader_role: roles.reader.clone(),
+            },
+        )
+        .await
+        .expect("grants");
+        roles
+    }
+
+    /// A LOGIN role `{group}_login` that is a member of `group` (created once), and the URL
+    /// of this database for it.
+    pub async fn login_as(&self, group: &str) -> String {
+        let login = format!("{group}_login");
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "DO $$ BEGIN
+                 IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{login}') THEN
+                     CREATE ROLE {login} LOGIN IN ROLE {group};
+                 END IF;
+             END $$"
+        )))
+        .execute(&self.pool)
+        .await
+        .expect("create the login role");
+        let mut url = url::Url::parse(&self.url).expect("database URL parses");
+        url.set_username(&login).expect("a user name fits the URL");
+        url.set_password(None).expect("no password");
+        url.to_string()
+    }
+}
+
 impl Drop for TestDb {
     fn drop(&mut self) {
         let name = self.name.clone();
@@ -202,6 +252,21 @@ impl Drop for TestDb {
                     )))
                     .execute(&mut admin)
                     .await;
+                    // The roles of `grant_roles` and `login_as` (their privileges went
+                    // with the database).
+                    let roles: Vec<String> = sqlx::query_scalar(
+                        "SELECT rolname::text FROM pg_roles WHERE starts_with(rolname, $1)
+                         ORDER BY length(rolname) DESC",
+                    )
+                    .bind(format!("{name}_"))
+                    .fetch_all(&mut admin)
+                    .await
+                    .unwrap_or_default();
+                    for role in roles {
+                        let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP ROLE {role}")))
+                            .execute(&mut admin)
+                            .await;
+                    }
                 }
             });
         })

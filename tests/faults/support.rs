@@ -117,6 +117,9 @@ impl Proc {
             ("NOTIFYD_LISTEN", format!("127.0.0.1:{port}")),
             ("NOTIFYD_JWT_SECRET", JWT_SECRET.to_owned()),
             ("NOTIFYD_USER_REQUESTS_PER_MINUTE", "100000".into()),
+            // The suite's role is the server's superuser (tests/roles.rs runs serve as
+            // the reader role).
+            ("NOTIFYD_ALLOW_WRITABLE_ROLE", "1".into()),
         ];
         all.extend(env.iter().cloned());
         Proc::spawn(name, &["serve"], database_url, &all, None, Some(port))
@@ -128,6 +131,7 @@ impl Proc {
         let env = vec![
             ("NOTIFYD_LISTEN", format!("127.0.0.1:{port}")),
             ("NOTIFYD_JWT_SECRET", JWT_SECRET.to_owned()),
+            ("NOTIFYD_ALLOW_WRITABLE_ROLE", "1".into()),
         ];
         Proc::spawn(
             name,

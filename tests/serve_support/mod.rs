@@ -48,6 +48,7 @@ pub fn args() -> ServeArgs {
         cache_max_users: 100_000,
         stream: Default::default(),
         demo: Default::default(),
+        session: Default::default(),
     }
 }
 
@@ -91,11 +92,15 @@ impl Server {
         Self::start_with(TestDb::new().await, args()).await
     }
 
+    /// The service connects as the reader role of `notifyd grants` (SELECT on the two
+    /// tables it reads, nothing else), as in production; tests write through `db.pool`.
     pub async fn start_with(db: TestDb, args: ServeArgs) -> Self {
         let settings = args.settings().expect("valid test settings");
+        let roles = db.grant_roles().await;
+        let reader_url = db.login_as(&roles.reader).await;
         let listen_pool = sqlx::postgres::PgPoolOptions::new()
             .max_connections(1)
-            .connect(&db.url)
+            .connect(&reader_url)
             .await
             .unwrap();
         let (tx, rx) = watch::channel(false);

@@ -1,0 +1,15 @@
+-- The enqueue trigger writes `apalis.jobs` as the owner of the schema, so that a backend
+-- role needs no right on `apalis` at all (least-privilege roles, `notifyd grants`).
+--
+-- `notify.enqueue_events()` is the statement-level trigger that turns every inserted
+-- `notify.events` row into its apalis job (migrations 20261122000002 and 20261122000010).
+-- It ran with the privileges of the role that inserted, so the backend needed INSERT on
+-- `apalis.jobs`, USAGE on schema `apalis` and EXECUTE on `apalis.generate_ulid()`: the
+-- queue's internals. As SECURITY DEFINER it runs as its owner (the role that migrated).
+-- Every name in its body is schema-qualified, and its search_path is pinned to
+-- pg_catalog, so an inserting role cannot redirect it to objects of its own.
+--
+-- Expand-only: same signature, same body, same effect for every caller (including a
+-- superuser or the owner, for whom nothing changes). The SET clause costs one setting
+-- save and restore per INSERT statement, not per row.
+ALTER FUNCTION notify.enqueue_events() SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
