@@ -10,8 +10,8 @@
 # BENCH_RUNS rounds, each of them once direct and once through pgbouncer (the order
 # alternates per round): BENCH_EVENTS events over BENCH_USERS users enqueued by one
 # INSERT ... SELECT, a release `notifyd worker` started on the given URL
-# (NOTIFYD_DB_POOLER=transaction through pgbouncer), and the drain timed as in `notifyd
-# bench`: events over the span from the first to the last stored notification. It prints
+# (NOTIFYD_DB_POOLER=transaction through pgbouncer), and the drain timed as in
+# `notifyd-bench`: events over the span from the first to the last stored notification. It prints
 # every run, the medians and the ratio. The scratch database is dropped at the end.
 #
 # Env: DATABASE_URL (else scripts/postgres.sh), BENCH_EVENTS (100000), BENCH_USERS

@@ -7,10 +7,10 @@
 //! transaction that also does the batch's whole effect and deletes its finished jobs. The
 //! second mode that used to sit beside it, apalis-postgres's own per-job backend (a claim
 //! `UPDATE`, one task, codec, result layer and JSON ack per job, regrouped into store
-//! transactions by a batcher), was retired: it drained 2x slower on this machine
-//! (BENCHMARKS.md, "Batch mode against per-job mode"), and it doubled the code, the states
-//! to rescue and the test matrix. apalis-postgres still owns the queue schema and its
-//! migrations.
+//! transactions by a batcher), was retired: it drained 2 x slower when the decision was
+//! taken, and 4.5 x slower in the last same-run comparison (BENCHMARKS.md, "One claim
+//! path"), and it doubled the code, the states to rescue and the test matrix.
+//! apalis-postgres still owns the queue schema and its migrations.
 //!
 //! The rooms:
 //! * [`backend`]: the apalis backend, the claim and every statement on `apalis.jobs`;
