@@ -89,6 +89,20 @@ build_js_client() {
     (cd "$NOTIFYD_REPO/clients/js" && npm run --silent build) || die "the browser client (clients/js) does not build"
 }
 
+# The project's venv (.notifyd/venv), made when it has no pip yet (Debian's python3-venv is
+# installed when python3 cannot make one).
+ensure_venv() {
+    local venv="$1"
+    [[ -x "$venv/bin/pip" ]] && return 0
+    rm -rf "$venv"
+    mkdir -p "$NOTIFYD_STATE"
+    if ! python3 -m venv "$venv"; then
+        rm -rf "$venv"
+        apt_install python3-venv || die "python3 cannot make a venv (install python3-venv)"
+        python3 -m venv "$venv" || die "python3 -m venv $venv failed"
+    fi
+}
+
 # schemathesis (tests/fuzz_api.rs) in its own venv, .notifyd/venv; the test finds it
 # through NOTIFYD_SCHEMATHESIS.
 SCHEMATHESIS_VERSION=4.32.5
@@ -100,15 +114,7 @@ ensure_schemathesis() {
         export NOTIFYD_SCHEMATHESIS="$bin"
         return 0
     fi
-    if [[ ! -x "$venv/bin/pip" ]]; then
-        rm -rf "$venv"
-        mkdir -p "$NOTIFYD_STATE"
-        if ! python3 -m venv "$venv"; then
-            rm -rf "$venv"
-            apt_install python3-venv || die "python3 cannot make a venv (install python3-venv)"
-            python3 -m venv "$venv" || die "python3 -m venv $venv failed"
-        fi
-    fi
+    ensure_venv "$venv"
     log "installing schemathesis $SCHEMATHESIS_VERSION into $venv"
     "$venv/bin/pip" install --quiet "schemathesis==$SCHEMATHESIS_VERSION" \
         || die "pip could not install schemathesis $SCHEMATHESIS_VERSION into $venv"
@@ -154,15 +160,7 @@ ensure_python_client() {
         && "$venv/bin/python" -c 'import notifyd, django, sqlalchemy, psycopg, pytest, mypy' 2>/dev/null; then
         return 0
     fi
-    if [[ ! -x "$venv/bin/pip" ]]; then
-        rm -rf "$venv"
-        mkdir -p "$NOTIFYD_STATE"
-        if ! python3 -m venv "$venv"; then
-            rm -rf "$venv"
-            apt_install python3-venv || die "python3 cannot make a venv (install python3-venv)"
-            python3 -m venv "$venv" || die "python3 -m venv $venv failed"
-        fi
-    fi
+    ensure_venv "$venv"
     log "installing the Python client and its test packages into $venv"
     "$venv/bin/pip" install --quiet -r "$dir/requirements-test.txt" \
         || die "pip could not install clients/python/requirements-test.txt into $venv"
