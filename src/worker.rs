@@ -70,7 +70,6 @@ pub async fn run(
         ));
     }
     db::set_session_settings(settings);
-    let url = database_url;
     let claim_settings = args.claim();
     // The replica's name in pg_stat_activity, so that an operator (or a test) can tell
     // which replica holds which session and which row locks.
@@ -78,7 +77,7 @@ pub async fn run(
     // Every batch in flight holds a connection from its claim to its commit; the claim,
     // heartbeat, cleanup and metrics loops need a few more.
     let pool_size = args.db_pool.max(args.store_flushers + 4);
-    let pool = db::connect(url, pool_size, &app).await?;
+    let pool = db::connect(database_url, pool_size, &app).await?;
     db::check_schema(&pool).await?;
     match db::enqueue_notify_triggers(&pool).await {
         Ok(found) if !found.is_empty() => tracing::warn!(
