@@ -8,17 +8,15 @@
 //! which makes every bounded delete cost O(table).
 //!
 //! What goes, and when:
-//! * queue rows of finished jobs (`Done`): the worker deletes a job with its outcome and
-//!   never writes `Done`, but older releases' per-job workers did, so a pass removes any
-//!   left;
-//! * queue rows of failed jobs (`Killed`, or `Failed` with attempts exhausted): after the
-//!   retention window, so operators can inspect them until then;
+//! * failed jobs (`notify.queue_dead`: refused, or out of attempts): after the retention
+//!   window, so operators can inspect them until then (finished jobs are deleted with their
+//!   outcome, and drained queue slots truncated, by the worker itself);
 //! * processed events (an outcome on the row, or a notification), then notifications,
 //!   older than the retention window (7 days by default); an event that never got an
 //!   outcome is kept twice as long, for inspection;
 //! * `notify.rate_windows` rows with no stamp, or whose newest stamp is older than the
 //!   longest rate window the worker accepts (7 days): they can no longer change a decision;
-//! * `apalis.workers` rows of workers silent for a day that hold no job;
+//! * `apalis.workers` rows of workers silent for a day;
 //! * dead tuples: [`vacuum_if_needed`] vacuums the queue and event tables when autovacuum
 //!   has let dead tuples pile up (or is off), so they stay bounded either way.
 
@@ -51,7 +49,6 @@ impl Default for Retention {
 /// Rows deleted by one pass.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Report {
-    pub done_jobs: u64,
     pub failed_jobs: u64,
     pub notifications: u64,
     pub events: u64,
@@ -67,43 +64,20 @@ fn interval(d: Duration) -> PgInterval {
     }
 }
 
-/// Delete finished (`Done`) queue rows, as written by older releases.
-pub async fn purge_done_jobs(pool: &PgPool, batch: i64) -> Result<u64, sqlx::Error> {
-    repeat(batch, || {
-        db::execute(
-            pool,
-            sqlx::query(
-                "DELETE FROM apalis.jobs
-             WHERE id = ANY(ARRAY(
-                 SELECT id FROM apalis.jobs
-                 WHERE job_type = $1 AND status = 'Done'
-                 LIMIT $2 FOR UPDATE SKIP LOCKED))",
-            )
-            .bind(QUEUE)
-            .bind(batch),
-        )
-    })
-    .await
-}
-
 /// One full pass.
 pub async fn run_once(pool: &PgPool, retention: Retention) -> Result<Report, sqlx::Error> {
     let keep = interval(retention.keep);
     let batch = retention.batch;
-    let done_jobs = purge_done_jobs(pool, batch).await?;
     let failed_jobs = repeat(batch, || {
         db::execute(
             pool,
             sqlx::query(
-                "DELETE FROM apalis.jobs
-             WHERE id = ANY(ARRAY(
-                 SELECT id FROM apalis.jobs
-                 WHERE job_type = $1
-                   AND (status = 'Killed' OR (status = 'Failed' AND attempts >= max_attempts))
-                   AND done_at < now() - $2::interval
-                 LIMIT $3 FOR UPDATE SKIP LOCKED))",
+                "DELETE FROM notify.queue_dead
+             WHERE event_id = ANY(ARRAY(
+                 SELECT event_id FROM notify.queue_dead
+                 WHERE failed_at < now() - $1::interval
+                 LIMIT $2 FOR UPDATE SKIP LOCKED))",
             )
-            .bind(QUEUE)
             .bind(keep)
             .bind(batch),
         )
@@ -169,16 +143,13 @@ pub async fn run_once(pool: &PgPool, retention: Retention) -> Result<Report, sql
         pool,
         sqlx::query(
             "DELETE FROM apalis.workers AS w
-             WHERE w.worker_type = $1
-               AND w.last_seen < now() - interval '1 day'
-               AND NOT EXISTS (SELECT 1 FROM apalis.jobs AS j WHERE j.lock_by = w.id)",
+             WHERE w.worker_type = $1 AND w.last_seen < now() - interval '1 day'",
         )
         .bind(QUEUE),
     )
     .await?
     .rows_affected();
     Ok(Report {
-        done_jobs,
         failed_jobs,
         notifications,
         events,
@@ -203,10 +174,11 @@ where
     }
 }
 
-/// The tables whose dead tuples the worker watches: the queue (every job is inserted and
-/// deleted), and the tables that every event updates or inserts into.
+/// The tables whose dead tuples the worker watches: the queue's table of jobs not due yet
+/// (its slot tables are truncated instead, see `claim::rotation`), and the tables that every
+/// event updates or inserts into.
 pub const VACUUMED_TABLES: [(&str, &str); 4] = [
-    ("apalis", "jobs"),
+    ("notify", "queue_later"),
     ("notify", "events"),
     ("notify", "notifications"),
     ("notify", "rate_windows"),

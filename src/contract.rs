@@ -1,14 +1,14 @@
 //! The names the worker, the read service, the operator commands and the migrations share:
-//! the queue and the notification channels (the job payload, `{"event_id": N}`, is read by
-//! `validate::parse_job`). A leaf module (it imports nothing of the crate), so that the
+//! the queue's name and the notification channels. A leaf module (it imports nothing of the crate), so that the
 //! read service never depends on the worker to learn a channel name, and a name is changed
 //! in one place.
 //!
 //! Each of these is also written in SQL (the migrations' triggers, the store statement);
 //! the tests assert that the SQL and these constants agree.
 
-/// The apalis queue (`apalis.jobs.job_type`) that the `notify.events` trigger writes and
-/// the worker claims from.
+/// The queue's name: the worker type of the instances in `apalis.workers`, and the
+/// `apalis.jobs.job_type` of the jobs that releases before the own queue (migration
+/// `20261207000001_own_queue.sql`) wrote, which `notifyd migrate` moves into it.
 pub const QUEUE: &str = "notifyd.events";
 
 /// The channel on which a committed batch announces new notifications, for the read

@@ -2,8 +2,8 @@
 //!
 //! `notifyd migrate` runs apalis-postgres's migrations first (schema `apalis`, history in
 //! `apalis._sqlx_migrations`), then ours (schema `notify`, history in
-//! `notify._sqlx_migrations`), because ours add a trigger and a constraint on
-//! `apalis.jobs`. Both are idempotent and take sqlx's migration lock, so running them on
+//! `notify._sqlx_migrations`), because ours moved what older releases left in
+//! `apalis.jobs` into notifyd's own queue. Both are idempotent and take sqlx's migration lock, so running them on
 //! every deploy (the Procfile's `release` step) is safe. Workers and the read service
 //! never migrate; they check at startup that the schema is there and say so if not.
 //!
@@ -273,7 +273,7 @@ fn pool_options(max: u32) -> PgPoolOptions {
         })
 }
 
-/// Run apalis's migrations, then ours, then [`reset_retired_claims`]. Needs a real session
+/// Run apalis's migrations, then ours, then [`adopt_legacy_jobs`]. Needs a real session
 /// (sqlx's migration lock is a session advisory lock): refused through a transaction pooler.
 pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
     anyhow::ensure!(
@@ -289,37 +289,30 @@ pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
         .run(pool)
         .await
         .context("notifyd migrations failed")?;
-    let reset = reset_retired_claims(pool)
+    let adopted = adopt_legacy_jobs(pool)
         .await
-        .context("cannot reset jobs left claimed by per-job workers")?;
-    if reset > 0 {
+        .context("cannot move the jobs of apalis.jobs into notifyd's queue")?;
+    if adopted > 0 {
         tracing::warn!(
-            jobs = reset,
-            "put jobs left Queued or Running by per-job workers of an older release back \
-             to Pending"
+            jobs = adopted,
+            "moved jobs that a worker of an older release left in apalis.jobs into \
+             notifyd's queue"
         );
     }
     Ok(())
 }
 
-/// Put the jobs in the retired per-job mode's states (`Queued`, `Running`) back to
-/// `Pending`; returns how many. This release claims by row locks and never writes those
-/// states, so nothing else would ever claim such a row again. Run by every `notifyd
-/// migrate` (idempotent, and a no-op once no per-job worker is left): the upgrade's release
-/// step takes back what the old workers left, and running `notifyd migrate` again after the
-/// last of them stopped takes back what they claimed meanwhile. A job that a per-job worker
-/// still runs may then run twice; the store step records one outcome per event, so the
-/// second run answers `duplicate`, and the old worker's ack (guarded by `lock_by`) matches
-/// no row.
-pub async fn reset_retired_claims(pool: &PgPool) -> Result<u64, sqlx::Error> {
-    Ok(sqlx::query(
-        "UPDATE apalis.jobs SET status = 'Pending', lock_by = NULL, lock_at = NULL
-         WHERE job_type = $1 AND status IN ('Queued', 'Running')",
-    )
-    .bind(crate::contract::QUEUE)
-    .execute(pool)
-    .await?
-    .rows_affected())
+/// Move this queue's jobs that are still in `apalis.jobs` (written by releases before the
+/// own queue, migration `20261207000001_own_queue.sql`) into `notify.queue_later` (they come
+/// due at once) or, when they had ended, `notify.queue_dead`; returns how many. Run by
+/// every `notifyd migrate` (idempotent, a no-op once no older worker is left): during a
+/// rolling upgrade a worker of the older release may still fail a job back into
+/// `apalis.jobs`. A job such a worker still runs may then run twice; the store step records
+/// one outcome per event, so the second run answers `duplicate`.
+pub async fn adopt_legacy_jobs(pool: &PgPool) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar("SELECT notify.adopt_apalis_jobs()")
+        .fetch_one(pool)
+        .await
 }
 
 /// Fail with a clear message when `notifyd migrate` has not been run. Reads the catalog
@@ -332,7 +325,7 @@ pub async fn check_schema(pool: &PgPool) -> anyhow::Result<()> {
             "SELECT count(*) = 2 FROM pg_class AS c
              JOIN pg_namespace AS n ON n.oid = c.relnamespace
              WHERE (n.nspname = 'notify' AND c.relname = 'notifications')
-                OR (n.nspname = 'apalis' AND c.relname = 'jobs')",
+                OR (n.nspname = 'notify' AND c.relname = 'queue_slots')",
         ),
     )
     .await
@@ -344,7 +337,7 @@ pub async fn check_schema(pool: &PgPool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Enabled triggers on the enqueue path (`notify.events`, `apalis.jobs`) whose function
+/// Enabled triggers on the enqueue path (`notify.events`, the queue's tables) whose function
 /// calls `pg_notify`, as `table.trigger`. There should be none: a NOTIFY makes every
 /// enqueuing transaction take a cluster-wide lock at commit and hold it through the
 /// commit's flush (migration `20261201000003_enqueue_without_notify.sql`). An
@@ -356,7 +349,9 @@ pub async fn enqueue_notify_triggers(pool: &PgPool) -> Result<Vec<String>, sqlx:
         sqlx::query_as(
             "SELECT t.tgrelid::regclass::text || '.' || t.tgname
              FROM pg_trigger AS t JOIN pg_proc AS p ON p.oid = t.tgfoid
-             WHERE t.tgrelid IN ('notify.events'::regclass, 'apalis.jobs'::regclass)
+             WHERE t.tgrelid IN ('notify.events'::regclass, 'notify.queue_0'::regclass,
+                                 'notify.queue_1'::regclass, 'notify.queue_2'::regclass,
+                                 'notify.queue_3'::regclass, 'notify.queue_later'::regclass)
                AND NOT t.tgisinternal AND t.tgenabled <> 'D'
                AND (p.prosrc ILIKE '%pg_notify%' OR p.prosrc ~* '\\mnotify\\s')
              ORDER BY 1",

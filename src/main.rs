@@ -40,12 +40,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             db::check_schema(&pool).await?;
             let report = cleanup::run_once(&pool, args.retention.retention()).await?;
             println!(
-                "deleted: {} finished jobs, {} failed jobs, {} notifications, {} events, {} stale workers",
-                report.done_jobs,
-                report.failed_jobs,
-                report.notifications,
-                report.events,
-                report.workers
+                "deleted: {} failed jobs, {} notifications, {} events, {} stale workers",
+                report.failed_jobs, report.notifications, report.events, report.workers
             );
             Ok(())
         }

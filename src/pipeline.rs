@@ -1,5 +1,5 @@
 //! The pipeline for one claimed batch, inside the claim's transaction:
-//! parse payload → load event → validate and sanitize → preferences, rate limit and store
+//! load event → validate and sanitize → preferences, rate limit and store
 //! ([`crate::store`]).
 //!
 //! Invariants:
@@ -7,7 +7,7 @@
 //!   (the job is refused for good with the reason, never retried). A database error is
 //!   not an answer: it fails the whole batch, whose transaction then rolls back, so that
 //!   every job is claimed again and nothing was half done;
-//! * nothing here panics on input: payloads and rows are validated, not trusted;
+//! * nothing here panics on input: rows are validated, not trusted;
 //! * sanitizing runs on the blocking pool, off the async runtime's worker threads.
 
 use std::collections::{HashMap, HashSet};
@@ -20,7 +20,7 @@ use tracing::Instrument;
 
 use crate::store::{self, Content, Decision, Prepared, RateLimit, Verdict};
 use crate::telemetry::series;
-use crate::validate::{BadJob, EventRow, parse_job, validate_event};
+use crate::validate::{BadJob, EventRow, validate_event};
 
 /// What happened to one event. Except `duplicate`, this is the event's `outcome` in
 /// `notify.event_outcomes`: for `stored`, the notification; for the others, the
@@ -63,80 +63,53 @@ pub struct Pipeline {
     pub now: Option<DateTime<Utc>>,
 }
 
-/// One claimed job as the pipeline sees it: its queue row id and its raw payload.
-#[derive(Debug, Clone, Copy)]
-pub struct JobRef<'a> {
-    pub id: &'a str,
-    pub payload: &'a [u8],
-}
-
 impl Pipeline {
     pub fn new(rate: RateLimit) -> Self {
         Self { rate, now: None }
     }
 
-    /// Process a batch inside the caller's open transaction, once: a failed statement
-    /// leaves the transaction unusable, so the caller rolls back and the jobs stay in the
-    /// queue. On `Ok`, the answers are in the same order as `jobs`, and nothing is
-    /// committed until the caller commits.
-    ///
-    /// The queue rows of the jobs whose event exists are deleted in the store statement,
-    /// since they get an outcome (see [`store::apply_in`]); the others are answered with a
-    /// [`BadJob`] and are the caller's to settle.
+    /// Process a batch of jobs, given by their event ids, inside the caller's open
+    /// transaction, once: a failed statement leaves the transaction unusable, so the caller
+    /// rolls back and the jobs stay in the queue. On `Ok`, the answers are in the same order
+    /// as `events`, and nothing is committed until the caller commits. The queue rows are
+    /// the caller's to settle.
     pub async fn process_in(
         &self,
         tx: &mut PgConnection,
-        jobs: &[JobRef<'_>],
+        events: &[i64],
     ) -> Result<Vec<Answer>, sqlx::Error> {
-        let parsed: Vec<Result<i64, BadJob>> = jobs.iter().map(|j| parse_job(j.payload)).collect();
-        let mut ids: Vec<i64> = parsed
-            .iter()
-            .filter_map(|r| r.as_ref().ok().copied())
-            .collect();
+        let mut ids: Vec<i64> = events.to_vec();
         ids.sort_unstable();
         ids.dedup();
-        histogram!(series::BATCH_JOBS).record(jobs.len() as f64);
+        histogram!(series::BATCH_JOBS).record(events.len() as f64);
         let span = tracing::info_span!(
             "batch",
-            jobs = jobs.len(),
+            jobs = events.len(),
             first_event = ids.first().copied(),
             last_event = ids.last().copied(),
         );
-        let by_event: Vec<(i64, &str)> = parsed
-            .iter()
-            .zip(jobs)
-            .filter_map(|(p, job)| p.as_ref().ok().map(|&event| (event, job.id)))
-            .collect();
         let decided = if ids.is_empty() {
             HashMap::new()
         } else {
-            self.decide_in(tx, &ids, &by_event).instrument(span).await?
+            self.decide_in(tx, &ids).instrument(span).await?
         };
-        Ok(answer_all(parsed, &decided))
+        Ok(answer_all(events, &decided))
     }
 
-    /// Load, sanitize and store `ids` in the open transaction `tx`. Of `jobs` (event id,
-    /// queue row), the rows whose event exists are deleted in the same statement.
+    /// Load, sanitize and store `ids` in the open transaction `tx`.
     async fn decide_in(
         &self,
         tx: &mut PgConnection,
         ids: &[i64],
-        jobs: &[(i64, &str)],
     ) -> Result<HashMap<i64, Outcome>, sqlx::Error> {
         let t0 = std::time::Instant::now();
         let rows = store::fetch_events(&mut *tx, ids).await?;
-        let found: HashSet<i64> = rows.iter().map(|r| r.id).collect();
-        let finished: Vec<&str> = jobs
-            .iter()
-            .filter(|(event, _)| found.contains(event))
-            .map(|(_, job)| *job)
-            .collect();
         let t1 = std::time::Instant::now();
         let (mut answers, prepared) = tokio::task::spawn_blocking(move || prepare(rows))
             .await
             .map_err(|e| sqlx::Error::Protocol(format!("sanitizer task failed: {e}")))?;
         let t2 = std::time::Instant::now();
-        let decisions = store::apply_in(tx, &prepared, &finished, self.rate, self.now).await?;
+        let decisions = store::apply_in(tx, &prepared, self.rate, self.now).await?;
         histogram!(series::STORE_SECONDS).record(t2.elapsed().as_secs_f64());
         tracing::debug!(
             batch = ids.len(),
@@ -170,14 +143,13 @@ impl Pipeline {
     }
 }
 
-/// One answer per parsed job, in order. Two jobs for one event in the same batch: the
-/// first gets the outcome, the others `duplicate`.
-fn answer_all(parsed: Vec<Result<i64, BadJob>>, decided: &HashMap<i64, Outcome>) -> Vec<Answer> {
+/// One answer per job, in order. Two jobs for one event in the same batch: the first
+/// gets the outcome, the others `duplicate`.
+fn answer_all(events: &[i64], decided: &HashMap<i64, Outcome>) -> Vec<Answer> {
     let mut seen = HashSet::new();
-    parsed
-        .into_iter()
-        .map(|p| {
-            let id = p?;
+    events
+        .iter()
+        .map(|&id| {
             let outcome = decided.get(&id).cloned().ok_or(BadJob::NoSuchEvent(id))?;
             if !seen.insert(id) {
                 return Ok(Outcome::Duplicate);
@@ -228,7 +200,7 @@ pub struct Tally {
     pub rate_limited: u64,
     pub duplicate: u64,
     pub invalid: u64,
-    /// Jobs refused for good (bad payload, missing event).
+    /// Jobs refused for good (their event does not exist).
     pub refused: u64,
     /// Jobs of batches that rolled back (they are claimed again).
     pub retried: u64,

@@ -8,10 +8,11 @@
 //!   `notify.events` (and, for ORMs, the view `notify.new_events`); read and write `notify.preferences`; SELECT `notify.notifications`
 //!   and UPDATE of its `read_at` column only; SELECT `notify.event_outcomes`; SELECT and
 //!   INSERT on `notify.event_types` (adding a type is one INSERT, jobs/README.md; it
-//!   cannot change or delete one). No access to `apalis`: the enqueue trigger writes `apalis.jobs`
-//!   as its owner (migration `20261206000001_enqueue_as_owner.sql`).
+//!   cannot change or delete one). No access to the queue: the enqueue trigger writes
+//!   `notify.queue_*` as its owner (migration `20261206000001_enqueue_as_owner.sql`).
 //! * **worker** (`notify_worker`): every statement of the claim, store, cleanup, heartbeat
-//!   and rescue paths, read off the code, and no more. No TRUNCATE, no DDL, no right on
+//!   and rotation paths, read off the code, and no more. TRUNCATE on the queue's four slot
+//!   tables only (the rotation empties a drained slot that way), no DDL, no right on
 //!   `notify.preferences` but SELECT, and none on `notify.queue_settings` but SELECT
 //!   (the retry backoff trigger reads it). It may DELETE notifications and events
 //!   (retention), and it has UPDATE on `notify.notifications.read_at` only because a row
@@ -67,8 +68,11 @@ const BACKEND: &[&str] = &[
 
 const WORKER: &[&str] = &[
     "GRANT USAGE ON SCHEMA notify, apalis TO {}",
-    "GRANT SELECT, UPDATE, DELETE ON apalis.jobs TO {}",
     "GRANT SELECT, INSERT, UPDATE, DELETE ON apalis.workers TO {}",
+    "GRANT SELECT, INSERT, UPDATE, DELETE, TRUNCATE ON notify.queue_0, notify.queue_1, notify.queue_2, notify.queue_3 TO {}",
+    "GRANT SELECT, INSERT, UPDATE, DELETE ON notify.queue_later, notify.queue_dead TO {}",
+    "GRANT SELECT, UPDATE ON notify.queue_slots TO {}",
+    "GRANT SELECT ON notify.queue TO {}",
     "GRANT SELECT, DELETE, UPDATE (outcome, outcome_reason, processed_at) ON notify.events TO {}",
     "GRANT SELECT, INSERT, DELETE, UPDATE (read_at) ON notify.notifications TO {}",
     "GRANT SELECT, INSERT, UPDATE, DELETE ON notify.rate_windows TO {}",

@@ -155,31 +155,21 @@ pub async fn fetch_events<'e>(
 
 /// Apply a batch inside the caller's open transaction: per-user locks, the decisions, the
 /// notifications and the announcement; the caller commits (or rolls back, and then nothing
-/// happened). `finished_jobs` are queue rows (`apalis.jobs.id`) to delete in the same
-/// statement: the batch claim mode's finished jobs, so that settling them costs no round
-/// trip of its own. Events already decided are not in the result (they are duplicates of an
-/// earlier run). `now` is for tests; `None` means the database clock. The announcement on
-/// [`crate::contract::ANNOUNCE_CHANNEL`] sizes its payloads for the worst case, counting every byte of a
-/// user id as if JSON had to escape it.
+/// happened) and settles the queue rows. Events already decided are not in the result (they
+/// are duplicates of an earlier run). `now` is for tests; `None` means the database clock.
+/// The announcement on [`crate::contract::ANNOUNCE_CHANNEL`] sizes its payloads for the
+/// worst case, counting every byte of a user id as if JSON had to escape it.
 pub async fn apply_in(
     tx: &mut PgConnection,
     batch: &[Prepared],
-    finished_jobs: &[&str],
     rate: RateLimit,
     now: Option<DateTime<Utc>>,
 ) -> Result<Vec<Decision>, sqlx::Error> {
     if batch.is_empty() {
-        if !finished_jobs.is_empty() {
-            sqlx::query("DELETE FROM apalis.jobs WHERE id = ANY($1)")
-                .persistent(crate::db::persistent())
-                .bind(finished_jobs)
-                .execute(&mut *tx)
-                .await?;
-        }
         return Ok(Vec::new());
     }
     lock_users(tx, batch.iter().map(|p| p.user_id.as_str())).await?;
-    decide_and_store(tx, batch, finished_jobs, rate, now).await
+    decide_and_store(tx, batch, rate, now).await
 }
 
 /// Take the per-user locks of a batch: see the module doc. `ON CONFLICT DO UPDATE … WHERE
@@ -215,22 +205,30 @@ clock AS (
     SELECT COALESCE($7::timestamptz, statement_timestamp()) AS now
 ),
 decided AS (
-    -- An event already decided is left out by the join (a suppressed one: its row has an
-    -- outcome) or marked `duplicate` (a stored one: its record is its notification, and
-    -- its events row keeps no outcome). The check is a scalar subquery, one index probe
-    -- per event: as NOT EXISTS the planner may hash every notification, and as a filter
-    -- its estimate (a few rows) makes the planner join the rest with nested loops.
+    -- Every lookup is a scalar subquery, one index probe per event, and no table is
+    -- joined: the plan is then the same whatever the statistics say. With joins, a burst
+    -- drained before any ANALYZE got a hash join over a sequential scan of all of
+    -- notify.events per batch, and a nested loop over the batch squared (BENCHMARKS.md,
+    -- "A real database's bad day").
+    -- An event already decided is left out (a suppressed one: its row has an outcome) or
+    -- marked `duplicate` (a stored one: its record is its notification, and its events row
+    -- keeps no outcome).
     SELECT i.*,
            CASE
                WHEN (SELECT n.event_id FROM notify.notifications AS n
                      WHERE n.event_id = i.event_id) IS NOT NULL THEN 'duplicate'
                WHEN i.invalid_reason IS NOT NULL THEN 'invalid'
-               WHEN pref.enabled IS FALSE THEN 'opted_out'
-           END AS early_outcome
+               WHEN (SELECT pref.enabled FROM notify.preferences AS pref
+                     WHERE pref.user_id = i.user_id AND pref.event_type = i.event_type) IS FALSE
+                   THEN 'opted_out'
+           END AS early_outcome,
+           -- The user's notifications stamped inside the window, from the user's
+           -- rate_windows row.
+           (SELECT COALESCE(sum(x.c), 0)
+            FROM notify.rate_windows AS w, unnest(w.stamps, w.counts) AS x(s, c), clock
+            WHERE w.user_id = i.user_id AND x.s > clock.now - $9::interval) AS recent
     FROM input AS i
-    JOIN notify.events AS e ON e.id = i.event_id AND e.outcome IS NULL
-    LEFT JOIN notify.preferences AS pref
-           ON pref.user_id = i.user_id AND pref.event_type = i.event_type
+    WHERE (SELECT e.outcome IS NULL FROM notify.events AS e WHERE e.id = i.event_id)
 ),
 ranked AS (
     SELECT d.*,
@@ -238,24 +236,14 @@ ranked AS (
                               ORDER BY d.event_id) AS rank
     FROM decided AS d
 ),
-rate AS (
-    -- Per user: notifications stamped inside the window, from the user's rate_windows row.
-    SELECT u.user_id,
-           COALESCE((SELECT sum(c)
-                     FROM unnest(w.stamps, w.counts) AS x(s, c), clock
-                     WHERE x.s > clock.now - $9::interval), 0) AS recent
-    FROM (SELECT DISTINCT user_id FROM decided WHERE early_outcome IS NULL) AS u
-    LEFT JOIN notify.rate_windows AS w ON w.user_id = u.user_id
-),
 judged AS (
     SELECT r.event_id, r.user_id, r.event_type, r.body, r.link, r.invalid_reason,
            CASE
                WHEN r.early_outcome IS NOT NULL THEN r.early_outcome
-               WHEN r.rank + rate.recent <= $8 THEN 'stored'
+               WHEN r.rank + r.recent <= $8 THEN 'stored'
                ELSE 'rate_limited'
            END AS outcome
     FROM ranked AS r
-    LEFT JOIN rate ON rate.user_id = r.user_id
 ),
 inserted AS (
     INSERT INTO notify.notifications (user_id, event_id, event_type, body, link, created_at)
@@ -284,9 +272,6 @@ windowed AS (
                            WHERE x.s > EXCLUDED.stamps[1] - interval '7 days'))[1:$8::integer]
     RETURNING 1
 ),
-finished AS (
-    DELETE FROM apalis.jobs WHERE id = ANY($10::text[])
-),
 announced AS MATERIALIZED (
     -- One NOTIFY per chunk of users: a chunk's entries, sized for the worst case (every
     -- byte escaped, plus the id), stay under 6,000 bytes plus one entry (at most 1,054).
@@ -299,11 +284,12 @@ announced AS MATERIALIZED (
 ),
 recorded AS (
     UPDATE notify.events AS e
-    SET outcome = j.outcome,
-        outcome_reason = CASE WHEN j.outcome = 'invalid' THEN j.invalid_reason END,
-        processed_at = clock.now
-    FROM judged AS j, clock
-    WHERE e.id = j.event_id AND j.outcome NOT IN ('stored', 'duplicate')
+    SET outcome = (SELECT j.outcome FROM judged AS j WHERE j.event_id = e.id),
+        outcome_reason = (SELECT j.invalid_reason FROM judged AS j
+                          WHERE j.event_id = e.id AND j.outcome = 'invalid'),
+        processed_at = (SELECT clock.now FROM clock)
+    WHERE e.id = ANY(ARRAY(SELECT j.event_id FROM judged AS j
+                           WHERE j.outcome NOT IN ('stored', 'duplicate')))
 )
 SELECT event_id, user_id, outcome, NULL::bigint AS notification_id FROM judged
 WHERE outcome <> 'duplicate'
@@ -319,7 +305,6 @@ type StoreRow = (i64, Option<String>, Option<String>, Option<i64>);
 async fn decide_and_store(
     tx: &mut PgConnection,
     batch: &[Prepared],
-    finished_jobs: &[&str],
     rate: RateLimit,
     now: Option<DateTime<Utc>>,
 ) -> Result<Vec<Decision>, sqlx::Error> {
@@ -363,7 +348,6 @@ async fn decide_and_store(
         .bind(now)
         .bind(i64::from(rate.limit))
         .bind(window)
-        .bind(finished_jobs)
         .fetch_all(&mut *tx)
         .await?;
     // Two kinds of rows come back: one per recorded outcome, one per inserted

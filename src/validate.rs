@@ -1,58 +1,23 @@
 //! Validate: turn untrusted input into typed values, or into a reason for refusing it.
 //!
-//! Two kinds of input reach the worker:
-//! * the job payload in `apalis.jobs.job`, which should be `{"event_id": N}` as written by
-//!   the `notify.enqueue_events` trigger, but can be anything if someone writes the queue
-//!   table by hand. [`parse_job`] never panics; a payload it refuses marks the job failed
-//!   (status `Killed`, not retried) with the reason;
-//! * the event row in `notify.events`, already guarded by constraints. [`validate_event`]
-//!   checks the same rules again (defence in depth) and sanitizes body and link, so the
-//!   store step only ever receives [`ValidEvent`]s.
-
-use serde::Deserialize;
+//! The input that reaches the worker is the event row in `notify.events`, already guarded
+//! by constraints. [`validate_event`] checks the same rules again (defence in depth) and
+//! sanitizes body and link, so the store step only ever receives [`ValidEvent`]s. A queue
+//! job is an event id in a typed column: the only way it can be bad is that its event does
+//! not exist ([`BadJob::NoSuchEvent`]); it is then refused for good, with the reason.
 
 use crate::sanitize::{PlainText, Rejected, SafeLink, sanitize_body, sanitize_link};
 
 /// Longest user id accepted (the same limit as the `events_user_id_valid` constraint).
 pub const MAX_USER_ID_CHARS: usize = 128;
 
-/// Bytes of a job payload read at most; a valid payload is about 30 bytes.
-const MAX_PAYLOAD_BYTES: usize = 4096;
-
-/// Why a job payload was refused.
+/// Why a job was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum BadJob {
-    #[error("payload is larger than {MAX_PAYLOAD_BYTES} bytes")]
-    TooLarge,
-    #[error("payload is not JSON of the form {{\"event_id\": <positive integer>}}: {0}")]
-    Malformed(String),
     #[error(
         "event {0} does not exist (never enqueued through notify.events, or already deleted by retention)"
     )]
     NoSuchEvent(i64),
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Payload {
-    event_id: i64,
-}
-
-/// Read the event id out of a job payload (the raw bytes of `apalis.jobs.job`: they are
-/// never decoded by apalis, so no payload can make its worker exit with a codec error).
-pub fn parse_job(job: &[u8]) -> Result<i64, BadJob> {
-    if job.len() > MAX_PAYLOAD_BYTES {
-        return Err(BadJob::TooLarge);
-    }
-    let payload: Payload =
-        serde_json::from_slice(job).map_err(|e| BadJob::Malformed(e.to_string()))?;
-    if payload.event_id <= 0 {
-        return Err(BadJob::Malformed(format!(
-            "event_id {} is not positive",
-            payload.event_id
-        )));
-    }
-    Ok(payload.event_id)
 }
 
 /// An event row as stored in `notify.events`.
@@ -126,29 +91,6 @@ fn is_type_name(s: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn parses_only_the_documented_payload() {
-        assert_eq!(parse_job(br#"{"event_id":7}"#), Ok(7));
-        for bad in [
-            &b"\xff\xfe"[..],
-            b"",
-            b"null",
-            b"[]",
-            b"{}",
-            br#"{"event_id":"7"}"#,
-            br#"{"event_id":-1}"#,
-            br#"{"event_id":1e400}"#,
-            br#"{"event_id":7,"x":1}"#,
-        ] {
-            assert!(
-                parse_job(bad).is_err(),
-                "{:?}",
-                String::from_utf8_lossy(bad)
-            );
-        }
-        assert_eq!(parse_job(&[b' '; 5000]), Err(BadJob::TooLarge));
-    }
 
     fn row(user: &str, ty: &str, body: &str, link: Option<&str>) -> EventRow {
         EventRow {

@@ -35,7 +35,7 @@ use anyhow::Context;
 use clap::{Args, Parser};
 use sqlx::{Connection, PgConnection, PgPool};
 
-use notifyd::contract::{ANNOUNCE_CHANNEL, QUEUE};
+use notifyd::contract::ANNOUNCE_CHANNEL;
 use notifyd::db;
 
 #[derive(Debug, Parser)]
@@ -158,7 +158,8 @@ struct SoakSample {
     secs: u64,
     /// Current RSS of each worker (VmRSS), MiB.
     worker_rss_mib: Vec<f64>,
-    /// `apalis.jobs`: live and dead tuples, and its size with indexes and TOAST.
+    /// The queue's slot tables (`notify.queue_0..3`): live and dead tuples, and their size
+    /// with indexes.
     jobs_live: i64,
     jobs_dead: i64,
     jobs_mib: f64,
@@ -455,8 +456,10 @@ async fn soak(
     loop {
         let elapsed = started.elapsed().as_secs();
         let (live, dead, bytes): (i64, i64, i64) = sqlx::query_as(
-            "SELECT n_live_tup, n_dead_tup, pg_total_relation_size('apalis.jobs')
-             FROM pg_stat_user_tables WHERE schemaname = 'apalis' AND relname = 'jobs'",
+            "SELECT sum(n_live_tup)::bigint, sum(n_dead_tup)::bigint,
+                    sum(pg_total_relation_size(relid))::bigint
+             FROM pg_stat_user_tables
+             WHERE schemaname = 'notify' AND relname ~ '^queue_[0-9]$'",
         )
         .fetch_one(pool)
         .await?;
@@ -476,7 +479,7 @@ async fn soak(
             backlog,
         };
         eprintln!(
-            "  soak t={:>4}s rss {:?} MiB, apalis.jobs live {} dead {} ({:.1} MiB), enqueued {}, backlog {}",
+            "  soak t={:>4}s rss {:?} MiB, queue slots live {} dead {} ({:.1} MiB), enqueued {}, backlog {}",
             sample.secs,
             sample
                 .worker_rss_mib
@@ -513,27 +516,22 @@ fn stop_workers(workers: &mut [Child]) {
 }
 
 /// Whether the queue still holds a job a worker could claim now or after a backoff
-/// (the eligibility of the claim, without its `run_at` bound; in-flight jobs count).
+/// (in-flight jobs count).
 async fn claimable_jobs_left(pool: &PgPool) -> anyhow::Result<bool> {
-    Ok(sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM apalis.jobs
-                        WHERE job_type = $1
-                          AND (status = 'Pending' OR (status = 'Failed' AND attempts < max_attempts)))",
+    Ok(
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM notify.queue)")
+            .fetch_one(pool)
+            .await?,
     )
-    .bind(QUEUE)
-    .fetch_one(pool)
-    .await?)
 }
 
-/// The result of one failed job of the queue, if there is one.
+/// The reason of one failed job of the queue, if there is one.
 async fn failed_job(pool: &PgPool) -> anyhow::Result<Option<String>> {
-    Ok(sqlx::query_scalar(
-        "SELECT COALESCE(last_result::text, 'no result recorded') FROM apalis.jobs
-         WHERE job_type = $1 AND status IN ('Failed', 'Killed') LIMIT 1",
+    Ok(
+        sqlx::query_scalar("SELECT reason FROM notify.queue_dead LIMIT 1")
+            .fetch_optional(pool)
+            .await?,
     )
-    .bind(QUEUE)
-    .fetch_optional(pool)
-    .await?)
 }
 
 async fn processed(pool: &PgPool) -> anyhow::Result<i64> {
@@ -662,19 +660,6 @@ fn percentiles(mut ms: Vec<f64>) -> Option<Percentiles> {
 }
 
 async fn latency(pool: &PgPool, url: &str, args: &BenchArgs) -> anyhow::Result<Latencies> {
-    // Steady state first: the drain leaves its finished queue rows for the workers' cleanup
-    // loop, whose purge would otherwise run inside the measurement (at most 30 s).
-    let settle = Instant::now() + Duration::from_secs(30);
-    loop {
-        let done: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM apalis.jobs WHERE status = 'Done'")
-                .fetch_one(pool)
-                .await?;
-        if done == 0 || Instant::now() > settle {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
     let first_id: i64 = sqlx::query_scalar("SELECT COALESCE(max(id), 0) FROM notify.events")
         .fetch_one(pool)
         .await?;
@@ -873,7 +858,7 @@ fn print_report(r: &Report) {
         let max_mib = r.soak.iter().map(|s| s.jobs_mib).fold(0.0, f64::max);
         let max_backlog = r.soak.iter().map(|s| s.backlog).max().unwrap_or(0);
         println!(
-            "  soak {} s: worker RSS {:?} -> {:?} MiB; apalis.jobs at most {} dead tuples, {:.1} MiB; backlog at most {}",
+            "  soak {} s: worker RSS {:?} -> {:?} MiB; queue slots at most {} dead tuples, {:.1} MiB; backlog at most {}",
             last.secs, first.worker_rss_mib, last.worker_rss_mib, max_dead, max_mib, max_backlog
         );
     }

@@ -1,36 +1,39 @@
 //! The claim backend: an apalis [`CustomBackend`] whose tasks are whole batches of queue
 //! jobs, so that apalis's per-task machinery is paid once per batch instead of once per job,
 //! and whose claim is a transaction, so that a batch's whole effect commits at once. Every
-//! SQL statement on `apalis.jobs` that the worker runs is here.
+//! SQL statement on the queue's job tables that the worker runs is here (the rotation of
+//! its slots is in [`super::rotation`]).
+//!
+//! The queue is notifyd's own (migration `20261207000001_own_queue.sql`): rotating slot
+//! tables `notify.queue_0..3` that are truncated once drained, so that no held transaction
+//! can make a claim walk the dead rows of finished jobs (BENCHMARKS.md, "A real database's
+//! bad day"), beside `notify.queue_later` (jobs not due yet) and `notify.queue_dead` (jobs
+//! that ended without an outcome).
 //!
 //! One batch is one transaction:
-//! * **claim** ([`claim_due`]): `SELECT … FOR UPDATE SKIP LOCKED` with the eligibility and
-//!   order of `apalis.get_jobs` takes up to `fetch_batch` jobs, which become one task
-//!   carrying the open transaction. A claim happens only when the worker has a free slot
-//!   (apalis polls the backend only after its service is ready), so `concurrency` batches
-//!   are in flight at most, and a worker never holds jobs it cannot start;
+//! * **claim** ([`claim_due`]): `notify.claim_jobs(n)` locks up to `fetch_batch` due jobs
+//!   `FOR UPDATE SKIP LOCKED`, from the current slot first, then the draining ones, highest
+//!   priority first in each; they become one task carrying the open transaction. A claim
+//!   happens only when the worker has a free slot (apalis polls the backend only after its
+//!   service is ready), so `concurrency` batches are in flight at most;
 //! * **wake-up**: polling. After an empty claim the stream looks again after
 //!   `poll_interval` (10 ms by default); a claim that returns jobs is followed by the next
-//!   claim as soon as a slot is free. Enqueuing sends no NOTIFY (migration
-//!   `20261201000003_enqueue_without_notify.sql`: a NOTIFY makes every enqueuing
-//!   transaction commit one at a time), so there is nothing to listen for. New and delayed
-//!   (`run_at`) jobs are found the same way;
+//!   claim as soon as a slot is free. Enqueuing sends no NOTIFY (a NOTIFY makes every
+//!   enqueuing transaction commit one at a time), so there is nothing to listen for;
 //! * **process**: the pipeline loads, sanitizes and stores the batch in that transaction
-//!   (per-user locks, exact rate limit, one notification per event), and its store
-//!   statement deletes the jobs that got an outcome (the outcome is the notification or the
-//!   `notify.events` row);
-//! * **settle** ([`settle`]): jobs refused by the pipeline become `Killed` with the
-//!   reason; then the transaction commits.
+//!   (per-user locks, exact rate limit, one notification per event);
+//! * **settle** ([`settle`]): the jobs that got an outcome are deleted, those refused by the
+//!   pipeline move to `notify.queue_dead` with the reason; then the transaction commits.
 //!
 //! Invariant: a claimed job's effect (notification, outcome, queue row) commits exactly
 //! once, all together, or not at all. If the worker stops, crashes, loses its connection or
 //! fails a statement, the transaction rolls back and the jobs are claimable again at once
-//! (no heartbeat rescue is involved; a frozen worker's session is ended by
-//! `idle_in_transaction_session_timeout`). A batch that fails with an error that is the
-//! data's fault counts a failed attempt ([`fail`]); after `max_attempts` it stays `Failed`
-//! for operators. In-flight jobs show as `Pending` in `notifyd status` (their lock is not
-//! visible as a state). Nothing here can make the worker exit: claim errors are retried,
-//! and payloads are never decoded by apalis.
+//! (a frozen worker's session is ended by `idle_in_transaction_session_timeout`). A batch
+//! that fails with an error that is the data's fault counts a failed attempt ([`fail`]):
+//! the job waits in `notify.queue_later` for its backoff, and after `max_attempts` it goes to
+//! `notify.queue_dead` for operators. Claimed rows are addressed by `ctid` within their slot
+//! (the slots carry one index, the claim's): the row lock keeps it stable until the commit,
+//! and [`fail`] checks the event id as well, since a truncated slot reuses ctids.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -41,17 +44,21 @@ use apalis_core::task::Task;
 use futures::{Sink, StreamExt};
 use sqlx::PgPool;
 
-use crate::contract::QUEUE;
 use crate::db;
-use crate::pipeline::{Answer, JobRef};
+use crate::pipeline::Answer;
 
 /// One claimed queue job.
 #[derive(Debug, Clone)]
 pub struct ClaimedJob {
-    pub id: String,
-    pub job: Vec<u8>,
+    /// The slot table (`notify.queue_<slot>`) the job was claimed from.
+    pub slot: i16,
+    /// The row's `ctid` in that table, as text.
+    pub tid: String,
+    pub event_id: i64,
     /// Milliseconds since the epoch when the job became due (its `run_at`).
     pub due_ms: i64,
+    /// Failed attempts before this one.
+    pub attempts: i16,
 }
 
 /// The task type of the batch backend: the jobs of one claim, and the open transaction
@@ -75,15 +82,9 @@ impl ClaimedBatch {
         }
     }
 
-    /// The jobs as the pipeline takes them.
-    pub fn refs(&self) -> Vec<JobRef<'_>> {
-        self.jobs
-            .iter()
-            .map(|j| JobRef {
-                id: &j.id,
-                payload: &j.job,
-            })
-            .collect()
+    /// The jobs as the pipeline takes them: their event ids, in claim order.
+    pub fn events(&self) -> Vec<i64> {
+        self.jobs.iter().map(|j| j.event_id).collect()
     }
 
     /// The claim's transaction; `None` if it was taken already.
@@ -116,8 +117,8 @@ type NoSink = std::pin::Pin<Box<dyn Sink<Task<ClaimedBatch>, Error = Infallible>
 /// The apalis backend for one worker instance.
 pub type BatchBackend = CustomBackend<ClaimedBatch, Source, ClaimStream, NoSink, ()>;
 
-/// Build the backend. The worker instance must be registered (`maintenance::register`)
-/// first, since `apalis.jobs.lock_by` references `apalis.workers`.
+/// Build the backend. The worker instance is registered (`maintenance::register`) first,
+/// so that `notifyd status` lists it.
 pub fn backend(source: Source) -> BatchBackend {
     BackendBuilder::new()
         .database(source)
@@ -171,118 +172,206 @@ async fn next_batch(source: &Source) -> ClaimedBatch {
     }
 }
 
-/// The claim: lock up to `n` due jobs with the rows, order and eligibility of
-/// `apalis.get_jobs` (`Pending`, or `Failed` with attempts left; due; highest priority,
-/// then oldest `run_at`, first), inside a transaction that stays open until the batch
-/// is settled. The rows are not updated: the row lock is the claim. Other replicas skip
-/// them (`SKIP LOCKED`), and the lock ends with the transaction, so a worker that dies
-/// or is cut off gives its jobs back the moment its session ends, with no rescue
-/// needed; a frozen one, when `idle_in_transaction_session_timeout` ends its session.
-///
-/// This writes no row version for the claim and none for the ack (the settle deletes
-/// the rows), where a claim `UPDATE` and an ack `UPDATE` each wrote a version into every
-/// index of `apalis.jobs`: measured with pgbench on this schema, the batch's SQL ran at
-/// 32k jobs/s this way against 18.5k with the two updates (see BENCHMARKS.md).
-const CLAIM: &str = "
-SELECT id, job, (EXTRACT(EPOCH FROM run_at) * 1000)::bigint
-FROM apalis.jobs
-WHERE (status = 'Pending' OR (status = 'Failed' AND attempts < max_attempts))
-  AND run_at < now()
-  AND job_type = $1
-ORDER BY priority DESC, run_at ASC
-LIMIT $2
-FOR UPDATE SKIP LOCKED";
-
-/// Claim up to `n` due jobs ([`CLAIM`]); `None` when nothing is claimable.
+/// Claim up to `n` due jobs (`notify.claim_jobs`, see the module doc) in a transaction
+/// that stays open until the batch is settled; `None` when nothing is claimable. The rows
+/// are not updated: the row lock is the claim. Other replicas skip them (`SKIP LOCKED`),
+/// and the lock ends with the transaction, so a worker that dies or is cut off gives its
+/// jobs back the moment its session ends, with no rescue needed.
 pub async fn claim_due(pool: &PgPool, n: usize) -> Result<Option<ClaimedBatch>, sqlx::Error> {
     let mut tx = db::begin(pool).await?;
-    let rows: Vec<(String, Vec<u8>, i64)> = sqlx::query(CLAIM)
-        .persistent(db::persistent())
-        .bind(QUEUE)
-        .bind(i64::try_from(n).unwrap_or(i64::MAX))
-        .try_map(|row: sqlx::postgres::PgRow| {
-            use sqlx::Row;
-            Ok((row.try_get(0)?, row.try_get(1)?, row.try_get(2)?))
-        })
-        .fetch_all(&mut *tx)
-        .await?;
-    if rows.is_empty() {
+    let jobs = sqlx::query(
+        "SELECT slot, tid, event_id, (EXTRACT(EPOCH FROM run_at) * 1000)::bigint, attempts
+         FROM notify.claim_jobs($1)",
+    )
+    .persistent(db::persistent())
+    .bind(i32::try_from(n).unwrap_or(i32::MAX))
+    .try_map(job_row)
+    .fetch_all(&mut *tx)
+    .await?;
+    if jobs.is_empty() {
         tx.rollback().await?;
         return Ok(None);
     }
-    let jobs = rows
-        .into_iter()
-        .map(|(id, job, due_ms)| ClaimedJob { id, job, due_ms })
-        .collect();
     Ok(Some(ClaimedBatch::new(tx, jobs)))
 }
 
-/// Settle the jobs of a processed batch that got no outcome, inside its claim
-/// transaction (the caller commits): they become `Killed` with the reason, `attempts + 1`
-/// and `lock_by` = this worker, as apalis would write them. The jobs that got an outcome
-/// were deleted by the store statement already (their outcome is in `notify.event_outcomes`).
-/// Returns the rows marked.
+/// Lock the waiting jobs of the given events, wherever they are due (any slot), `SKIP
+/// LOCKED`, in the caller's transaction: the claim of named events, for tests and for
+/// operators' tools. Jobs in `notify.queue_later` are not taken.
+pub async fn claim_events(
+    tx: &mut sqlx::PgConnection,
+    events: &[i64],
+) -> Result<Vec<ClaimedJob>, sqlx::Error> {
+    let mut jobs = Vec::new();
+    for slot in SLOTS {
+        let found = sqlx::query(on_slot(
+            "SELECT {slot}::smallint, ctid::text, event_id,
+                    (EXTRACT(EPOCH FROM run_at) * 1000)::bigint, attempts
+             FROM notify.queue_{slot} WHERE event_id = ANY($1)
+             ORDER BY event_id FOR UPDATE SKIP LOCKED",
+            slot,
+        ))
+        .bind(events)
+        .try_map(job_row)
+        .fetch_all(&mut *tx)
+        .await?;
+        jobs.extend(found);
+    }
+    Ok(jobs)
+}
+
+/// The queue's slot tables, `notify.queue_<slot>`.
+pub const SLOTS: [i16; 4] = [0, 1, 2, 3];
+
+/// A statement on one slot table: `template` with every `{slot}` replaced by `slot`, one of
+/// [`SLOTS`]. The only text spliced in is that small number, never input, so the statement
+/// is as safe as a literal (and each slot's text is prepared and cached once).
+pub(crate) fn on_slot(template: &'static str, slot: i16) -> sqlx::AssertSqlSafe<String> {
+    debug_assert!(SLOTS.contains(&slot));
+    sqlx::AssertSqlSafe(template.replace("{slot}", &slot.to_string()))
+}
+
+fn job_row(row: sqlx::postgres::PgRow) -> Result<ClaimedJob, sqlx::Error> {
+    use sqlx::Row;
+    Ok(ClaimedJob {
+        slot: row.try_get(0)?,
+        tid: row.try_get(1)?,
+        event_id: row.try_get(2)?,
+        due_ms: row.try_get(3)?,
+        attempts: row.try_get(4)?,
+    })
+}
+
+/// The jobs of `jobs` in `slot`: their ctids and event ids.
+fn in_slot(jobs: &[&ClaimedJob], slot: i16) -> (Vec<String>, Vec<i64>) {
+    jobs.iter()
+        .filter(|j| j.slot == slot)
+        .map(|j| (j.tid.clone(), j.event_id))
+        .unzip()
+}
+
+/// Settle a processed batch inside its claim transaction (the caller commits): the jobs
+/// that got an outcome are deleted (their record is the notification or the outcome on
+/// the event row), and the refused ones move to `notify.queue_dead` with the reason and
+/// this worker's name. One statement per slot the batch came from (nearly always one).
+/// Returns the jobs refused.
 pub async fn settle(
     tx: &mut sqlx::PgConnection,
     worker: &str,
     jobs: &[ClaimedJob],
     answers: &[Answer],
 ) -> Result<u64, sqlx::Error> {
-    let mut bad = Vec::new();
-    let mut reasons = Vec::new();
-    for (job, answer) in jobs.iter().zip(answers) {
-        if let Err(e) = answer {
-            bad.push(job.id.as_str());
-            reasons.push(serde_json::json!({ "Err": e.to_string() }));
+    let mut refused = 0;
+    for slot in SLOTS {
+        let batch: Vec<(&ClaimedJob, &Answer)> = jobs
+            .iter()
+            .zip(answers)
+            .filter(|(j, _)| j.slot == slot)
+            .collect();
+        if batch.is_empty() {
+            continue;
         }
+        let done: Vec<&ClaimedJob> = batch
+            .iter()
+            .filter(|(_, a)| a.is_ok())
+            .map(|(j, _)| *j)
+            .collect();
+        let (done_tids, _) = in_slot(&done, slot);
+        let mut bad_tids = Vec::new();
+        let mut reasons = Vec::new();
+        for (job, answer) in &batch {
+            if let Err(e) = answer {
+                bad_tids.push(job.tid.clone());
+                reasons.push(e.to_string());
+            }
+        }
+        refused += bad_tids.len() as u64;
+        sqlx::query(on_slot(
+            "WITH done AS (
+                 DELETE FROM notify.queue_{slot} WHERE ctid = ANY($1::text[]::tid[])
+             ),
+             refused AS (
+                 DELETE FROM notify.queue_{slot} AS j
+                 USING unnest($2::text[]::tid[], $3::text[]) AS r(tid, reason)
+                 WHERE j.ctid = ANY($2::text[]::tid[]) AND j.ctid = r.tid
+                 RETURNING j.event_id, j.attempts, r.reason
+             )
+             INSERT INTO notify.queue_dead (event_id, attempts, reason, worker)
+             SELECT event_id, attempts + 1, reason, $4 FROM refused
+             ON CONFLICT (event_id) DO UPDATE
+             SET attempts = EXCLUDED.attempts, reason = EXCLUDED.reason,
+                 worker = EXCLUDED.worker, failed_at = now()",
+            slot,
+        ))
+        .persistent(db::persistent())
+        .bind(&done_tids)
+        .bind(&bad_tids)
+        .bind(&reasons)
+        .bind(worker)
+        .execute(&mut *tx)
+        .await?;
     }
-    if bad.is_empty() {
-        return Ok(0);
-    }
-    let killed = sqlx::query(
-        "UPDATE apalis.jobs AS j
-         SET status = 'Killed', attempts = j.attempts + 1, last_result = a.result,
-             done_at = now(), lock_by = $1, lock_at = now()
-         FROM unnest($2::text[], $3::jsonb[]) AS a(id, result)
-         WHERE j.id = a.id AND j.id = ANY($2)",
-    )
-    .persistent(db::persistent())
-    .bind(worker)
-    .bind(&bad)
-    .bind(&reasons)
-    .execute(&mut *tx)
-    .await?
-    .rows_affected();
-    Ok(killed)
+    Ok(refused)
 }
 
-/// Count a failed attempt for the jobs of a batch whose transaction was rolled back
-/// (status `Failed`, `attempts + 1`, the reason in `last_result`; the
-/// `notifyd_failed_job_backoff` trigger delays the retry). Jobs that another replica has
-/// claimed meanwhile are skipped, not waited for. Returns the jobs marked.
+/// Count a failed attempt for the jobs of a batch whose transaction was rolled back: each
+/// waits in `notify.queue_later` for its backoff (`notify.queue_settings`: base x 2^(attempt
+/// - 1), capped, jittered by 0.5-1.5 x), or, out of attempts, goes to `notify.queue_dead`
+/// with the reason. Jobs that another replica has claimed meanwhile are skipped, not waited
+/// for. Returns the jobs marked.
 pub async fn fail(
     pool: &PgPool,
     worker: &str,
     jobs: &[ClaimedJob],
     reason: &str,
 ) -> Result<u64, sqlx::Error> {
-    let ids: Vec<&str> = jobs.iter().map(|j| j.id.as_str()).collect();
-    let n = db::execute(
-        pool,
-        sqlx::query(
-            "UPDATE apalis.jobs
-             SET status = 'Failed', attempts = attempts + 1, done_at = now(),
-                 lock_by = $2, lock_at = now(), last_result = jsonb_build_object('Err', $3::text)
-             WHERE id = ANY(ARRAY(
-                 SELECT id FROM apalis.jobs
-                 WHERE id = ANY($1) AND status IN ('Pending', 'Failed')
-                 FOR UPDATE SKIP LOCKED))",
+    let all: Vec<&ClaimedJob> = jobs.iter().collect();
+    let mut marked = 0;
+    for slot in SLOTS {
+        let (tids, events) = in_slot(&all, slot);
+        if tids.is_empty() {
+            continue;
+        }
+        let n: i64 = db::fetch_one(
+            pool,
+            sqlx::query_scalar(on_slot(
+                "WITH gone AS (
+                     DELETE FROM notify.queue_{slot}
+                     WHERE ctid = ANY(ARRAY(
+                         SELECT ctid FROM notify.queue_{slot}
+                         WHERE ctid = ANY($1::text[]::tid[]) AND event_id = ANY($2)
+                         FOR UPDATE SKIP LOCKED))
+                     RETURNING event_id, priority, attempts + 1 AS attempts
+                 ),
+                 settings AS (
+                     SELECT max_attempts, retry_base_secs, retry_max_secs FROM notify.queue_settings
+                 ),
+                 later AS (
+                     INSERT INTO notify.queue_later (event_id, priority, run_at, attempts, last_error)
+                     SELECT g.event_id, g.priority,
+                            now() + make_interval(secs => least(s.retry_max_secs,
+                                s.retry_base_secs * power(2, least(g.attempts - 1, 30)))
+                                * (0.5 + random())),
+                            g.attempts, $3
+                     FROM gone AS g, settings AS s WHERE g.attempts < s.max_attempts
+                     ON CONFLICT (event_id) DO NOTHING
+                     RETURNING 1
+                 ),
+                 dead AS (
+                     INSERT INTO notify.queue_dead (event_id, attempts, reason, worker)
+                     SELECT g.event_id, g.attempts, $3, $4
+                     FROM gone AS g, settings AS s WHERE g.attempts >= s.max_attempts
+                     ON CONFLICT (event_id) DO NOTHING
+                     RETURNING 1
+                 )
+                 SELECT (SELECT count(*) FROM later) + (SELECT count(*) FROM dead)", slot))
+            .bind(&tids)
+            .bind(&events)
+            .bind(reason)
+            .bind(worker),
         )
-        .bind(&ids)
-        .bind(worker)
-        .bind(reason),
-    )
-    .await?
-    .rows_affected();
-    Ok(n)
+        .await?;
+        marked += n as u64;
+    }
+    Ok(marked)
 }

@@ -1,4 +1,4 @@
-//! Claim: the apalis worker that takes batches of jobs from `apalis.jobs` and runs each
+//! Claim: the apalis worker that takes batches of jobs from notifyd's queue and runs each
 //! through the pipeline in the claim's own transaction.
 //!
 //! **One claim path.** apalis runs the worker (lifecycle, concurrency, graceful shutdown,
@@ -10,36 +10,44 @@
 //! transactions by a batcher), was retired: it drained 2 x slower when the decision was
 //! taken, and 4.5 x slower in the last same-run comparison (BENCHMARKS.md, "One claim
 //! path"), and it doubled the code, the states to rescue and the test matrix.
-//! apalis-postgres still owns the queue schema and its migrations.
+//!
+//! **The queue is notifyd's own** (`notify.queue_*`, migration
+//! `20261207000001_own_queue.sql`), not apalis-postgres's `apalis.jobs`: measured, a held
+//! transaction made every claim on `apalis.jobs` walk the dead rows of all the jobs
+//! finished since it began, and the backend's INSERT paid for a second row with eight
+//! indexes. The queue's slot tables rotate and are truncated once drained ([`rotation`]),
+//! and a job is a narrow row with one index (BENCHMARKS.md, "A real database's bad day").
+//! apalis still runs the worker; `apalis.workers` still lists the instances.
 //!
 //! The rooms:
-//! * [`backend`]: the apalis backend, the claim and every statement on `apalis.jobs`;
+//! * [`backend`]: the apalis backend, the claim and every statement on the queue's jobs;
+//! * [`rotation`]: the slots' rotation and truncation, one replica at a time;
 //! * [`task`]: one batch, processed and committed or rolled back ([`Processor`]), and the
 //!   step that tests drive ([`Processor::run_once`]);
 //! * [`maintenance`]: the instance's row in `apalis.workers` (register, heartbeat, stop).
 //!
 //! How it is wired, and why:
-//! * **Queue name** `notifyd.events` ([`crate::contract::QUEUE`]), set explicitly (the
-//!   trigger on `notify.events` writes it).
+//! * **Queue name** `notifyd.events` ([`crate::contract::QUEUE`]): the worker type in
+//!   `apalis.workers`.
 //! * **Wake-up**: an interval poll (`--poll-interval-ms`, 10 ms by default) while nothing
 //!   is claimable. Enqueuing sends no NOTIFY: apalis's per-row `notify_workers` trigger is
 //!   disabled (migration `20261201000003_enqueue_without_notify.sql`), because a NOTIFY
 //!   makes every enqueuing transaction take a cluster-wide lock at commit and hold it
 //!   through the commit's flush. The worker warns at start-up
-//!   ([`crate::db::enqueue_notify_triggers`]) if an apalis upgrade has brought it back.
-//! * **No payload can stop the worker**: apalis never decodes one (the task is the batch);
-//!   the pipeline parses the bytes leniently and refuses bad jobs (`Killed`, with the
-//!   reason).
+//!   ([`crate::db::enqueue_notify_triggers`]) if a trigger on the enqueue path sends one.
+//! * **No job can stop the worker**: apalis never decodes one (the task is the batch), and
+//!   a job is an event id in a typed column; a job whose event is gone is refused
+//!   (`notify.queue_dead`, with the reason).
 //! * **Supervision**: [`run`] restarts apalis's worker under a fresh name, with
 //!   exponential backoff and jitter, should it ever end on its own, so nothing short of
 //!   the shutdown signal ends the claim loop.
 //! * **No rescue**: a claim is a row lock, so a dead worker's jobs are claimable the moment
-//!   its sessions end. Rows in the retired mode's states (`Queued`, `Running`), left by a
-//!   per-job worker of an older release, are put back to `Pending` by `notifyd migrate`
-//!   ([`crate::db::reset_retired_claims`]).
+//!   its sessions end. Jobs that a worker of an older release left in `apalis.jobs` are
+//!   moved into the queue by `notifyd migrate` ([`crate::db::adopt_legacy_jobs`]).
 
 pub mod backend;
 pub mod maintenance;
+pub mod rotation;
 pub mod task;
 
 use std::time::{Duration, Instant};
@@ -52,6 +60,10 @@ use tracing::Instrument;
 
 use crate::telemetry::series;
 pub use task::{Processor, Step};
+
+/// How often a worker runs a rotation tick ([`rotation::tick`]); with several replicas,
+/// one of them rotates at a time.
+pub const ROTATION_TICK: Duration = Duration::from_millis(500);
 
 /// How the claim loop is tuned.
 #[derive(Debug, Clone)]
@@ -139,6 +151,8 @@ pub async fn run(
             maintenance::heartbeat(pool.clone(), name.clone(), settings.heartbeat)
                 .instrument(span.clone()),
         );
+        let rotate =
+            tokio::spawn(rotation::run(pool.clone(), ROTATION_TICK).instrument(span.clone()));
         let started = Instant::now();
         span.in_scope(|| tracing::info!("worker started"));
         let mut deadline = shutdown.clone();
@@ -154,6 +168,7 @@ pub async fn run(
             _ = drain_deadline => None,
         };
         beat.abort();
+        rotate.abort();
         maintenance::mark_stopped(&pool, &name, settings.silent_after()).await;
         match result {
             None => {

@@ -1,5 +1,5 @@
 //! The task: what the worker does with one claimed batch. [`Processor::process`] runs the
-//! pipeline in the claim's transaction, settles the refused jobs and commits, or rolls
+//! pipeline in the claim's transaction, settles the jobs and commits, or rolls
 //! everything back; apalis calls it through [`handle_batch`], and tests drive it one step
 //! at a time through [`Processor::run_once`], which answers [`Step::EmptyQueue`] when
 //! nothing is claimable.
@@ -95,12 +95,12 @@ impl Processor {
         let span = tracing::debug_span!(
             "batch_task",
             jobs = batch.jobs.len(),
-            first_job = batch.jobs.first().map(|j| j.id.as_str()),
+            first_event = batch.jobs.first().map(|j| j.event_id),
         );
         async {
             let started = Instant::now();
             let done = async {
-                let answers = self.pipeline.process_in(&mut tx, &batch.refs()).await?;
+                let answers = self.pipeline.process_in(&mut tx, &batch.events()).await?;
                 let processed = Instant::now();
                 backend::settle(&mut tx, &self.worker, &batch.jobs, &answers).await?;
                 Ok::<_, sqlx::Error>((answers, processed))
@@ -131,7 +131,7 @@ impl Processor {
                 Ok(answers) => {
                     for (job, answer) in batch.jobs.iter().zip(&answers) {
                         if let Err(reason) = answer {
-                            tracing::warn!(job = %job.id, %reason, "job refused");
+                            tracing::warn!(event = job.event_id, %reason, "job refused");
                         }
                     }
                     let tally = Tally::of(&answers);

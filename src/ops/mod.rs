@@ -5,20 +5,19 @@
 //! asked. This module holds the arguments and the commands; the statements are in
 //! [`queries`] (the worker's metrics loop reads the same counts), the text in [`render`].
 //!
-//! Vocabulary (what operators see, mapped onto apalis's states):
-//! * **pending**: waiting to be claimed (`Pending`; `scheduled` ones are not due yet). A
-//!   batch in flight is invisible as a state (its claim is a row lock), so its jobs count
+//! Vocabulary (what operators see; a job is named by its event's id):
+//! * **pending**: due, waiting to be claimed in a slot of the queue (`notify.queue_0..3`).
+//!   A batch in flight is invisible as a state (its claim is a row lock), so its jobs count
 //!   as pending until it commits;
-//! * **claimed** (`Queued`), **running** (`Running`): states of the retired per-job mode,
-//!   shown should an older release's worker have left any (`notifyd migrate` puts them
-//!   back to pending);
-//! * **retry wait**: failed with attempts left (`Failed`, attempts < max), due again after a
-//!   backoff;
-//! * **failed**: final, kept with the reason until retention deletes it: refused (`Killed`:
-//!   a bad payload or a missing event, never retried) or exhausted (`Failed` at the attempt
+//! * **scheduled**: not due yet (a later `run_at`);
+//! * **retry wait**: failed with attempts left, due again after a backoff
+//!   (`notify.queue_later`);
+//! * **failed**: final, kept with the reason until retention deletes it
+//!   (`notify.queue_dead`): refused (its event does not exist) or exhausted (at the attempt
 //!   limit). `jobs retry` puts them back; `jobs discard` deletes them;
-//! * **depth** = pending + claimed + running + retry wait; **lag** = age of the oldest job
-//!   that is due and not claimed.
+//! * **depth** = pending + scheduled + retry wait; **lag** = age of the oldest due job;
+//! * **slots**: the rotation of the queue's tables, and the **oldest open transaction**
+//!   that holds back vacuum (its pid, age and last statement).
 
 pub mod queries;
 pub mod render;
@@ -98,8 +97,8 @@ pub enum JobsCommand {
     },
     /// Show one job (any state) and its event.
     Show {
-        /// The job id (a ULID, as listed by `jobs failed`).
-        id: String,
+        /// The job's event id (as listed by `jobs failed`).
+        id: i64,
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
@@ -117,8 +116,8 @@ pub enum JobsCommand {
 #[derive(Debug, Clone, Args)]
 #[command(group(ArgGroup::new("which").required(true).args(["ids", "all"])))]
 pub struct Selection {
-    /// Job ids, as listed by `jobs failed`.
-    pub ids: Vec<String>,
+    /// Event ids of the jobs, as listed by `jobs failed`.
+    pub ids: Vec<i64>,
     /// Every failed job.
     #[arg(long)]
     pub all: bool,
@@ -180,16 +179,13 @@ pub async fn run_jobs(pool: &PgPool, args: &JobsArgs) -> anyhow::Result<()> {
             }
         }
         JobsCommand::Show { id, json } => {
-            let job = job(pool, id).await?.with_context(|| {
+            let job = job(pool, *id).await?.with_context(|| {
                 format!(
-                    "no job {id} in queue {QUEUE} (a finished job is deleted with its \
-                         outcome recorded: see notify.event_outcomes for its event)"
+                    "no job for event {id} in queue {QUEUE} (a finished job is deleted with \
+                     its outcome recorded: see notify.event_outcomes for its event)"
                 )
             })?;
-            let event = match job.event_id {
-                Some(e) => event(pool, e).await?,
-                None => None,
-            };
+            let event = event(pool, job.event_id).await?;
             if *json {
                 let value = serde_json::json!({ "job": job, "event": event });
                 println!("{}", serde_json::to_string_pretty(&value)?);
@@ -215,11 +211,11 @@ pub async fn run_jobs(pool: &PgPool, args: &JobsArgs) -> anyhow::Result<()> {
                 println!("  {id}");
             }
             if let Some(ids) = ids {
-                let missing: Vec<&String> = ids.iter().filter(|id| !changed.contains(id)).collect();
+                let missing: Vec<&i64> = ids.iter().filter(|id| !changed.contains(id)).collect();
                 if !missing.is_empty() {
                     for id in &missing {
                         eprintln!(
-                            "  {id}: not a failed job of {QUEUE} (see `notifyd jobs failed`)"
+                            "  {id}: no failed job of {QUEUE} for this event (see `notifyd jobs failed`)"
                         );
                     }
                     anyhow::bail!(

@@ -13,26 +13,22 @@ use sqlx::PgPool;
 use crate::contract::QUEUE;
 use crate::db;
 use crate::telemetry::series::QueueGauges;
-use crate::validate::parse_job;
-
-/// `status = 'Killed' OR (status = 'Failed' AND attempts >= max_attempts)`: final failures.
-const IS_FAILED: &str = "(status = 'Killed' OR (status = 'Failed' AND attempts >= max_attempts))";
 
 /// Rows changed per statement by `retry --all` and `discard --all`.
 const BULK_BATCH: i64 = 5000;
 
-/// Queue rows of `notifyd.events` by state.
+/// The queue's jobs by state.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, sqlx::FromRow)]
 pub struct QueueStats {
+    /// Due and waiting to be claimed (a batch in flight is invisible as a state: its claim
+    /// is a row lock, so its jobs count as pending until it commits).
     pub pending: i64,
-    /// Pending, but not due yet (delayed events, and retries waiting out their backoff are
-    /// counted in `retrying`).
+    /// Not due yet (a later `run_at`).
     pub scheduled: i64,
-    pub queued: i64,
-    pub running: i64,
+    /// Failed with attempts left, waiting out the backoff.
     pub retrying: i64,
+    /// Ended without an outcome (refused, or out of attempts): `notify.queue_dead`.
     pub failed: i64,
-    pub done: i64,
     /// Seconds since the oldest due, unclaimed job became due (0 when there is none).
     pub lag_secs: f64,
 }
@@ -40,7 +36,7 @@ pub struct QueueStats {
 impl QueueStats {
     /// Jobs not finished yet.
     pub fn depth(&self) -> i64 {
-        self.pending + self.queued + self.running + self.retrying
+        self.pending + self.scheduled + self.retrying
     }
 
     /// The `/metrics` gauges of these counts.
@@ -49,11 +45,9 @@ impl QueueStats {
             depth: self.depth(),
             jobs: vec![
                 ("pending", self.pending),
-                ("queued", self.queued),
-                ("running", self.running),
+                ("scheduled", self.scheduled),
                 ("retry_wait", self.retrying),
                 ("failed", self.failed),
-                ("done", self.done),
             ],
             lag_secs: self.lag_secs,
             workers_alive,
@@ -62,23 +56,89 @@ impl QueueStats {
 }
 
 pub async fn queue_stats(pool: &PgPool) -> Result<QueueStats, sqlx::Error> {
-    let query = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT count(*) FILTER (WHERE status = 'Pending') AS pending,
-                count(*) FILTER (WHERE status = 'Pending' AND run_at > now()) AS scheduled,
-                count(*) FILTER (WHERE status = 'Queued') AS queued,
-                count(*) FILTER (WHERE status = 'Running') AS running,
-                count(*) FILTER (WHERE status = 'Failed' AND attempts < max_attempts) AS retrying,
-                count(*) FILTER (WHERE {IS_FAILED}) AS failed,
-                count(*) FILTER (WHERE status = 'Done') AS done,
+    let query = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE place <> 'later' AND run_at <= now()) AS pending,
+                count(*) FILTER (WHERE run_at > now() AND (place <> 'later' OR attempts = 0))
+                    AS scheduled,
+                count(*) FILTER (WHERE place = 'later' AND attempts > 0) AS retrying,
+                (SELECT count(*) FROM notify.queue_dead) AS failed,
                 COALESCE(extract(epoch FROM now() - min(run_at) FILTER (
-                    WHERE (status = 'Pending' OR (status = 'Failed' AND attempts < max_attempts))
-                      AND run_at <= now())), 0)::float8 AS lag_secs
-         FROM apalis.jobs WHERE job_type = $1"
-    )))
-    .bind(QUEUE);
+                    WHERE run_at <= now())), 0)::float8 AS lag_secs
+         FROM notify.queue",
+    );
     db::fetch_optional(pool, query)
         .await?
         .ok_or(sqlx::Error::RowNotFound)
+}
+
+/// One slot of the queue's rotation (`notify.queue_slots`).
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct SlotRow {
+    pub slot: i16,
+    /// `current`, `draining`, `drained` or `clean`.
+    pub state: String,
+    /// Seconds in this state.
+    pub for_secs: f64,
+}
+
+pub async fn slots(pool: &PgPool) -> Result<Vec<SlotRow>, sqlx::Error> {
+    db::fetch_all(
+        pool,
+        sqlx::query_as(
+            "SELECT slot, state, extract(epoch FROM now() - changed_at)::float8 AS for_secs
+             FROM notify.queue_slots ORDER BY slot",
+        ),
+    )
+    .await
+}
+
+/// The session whose snapshot is the oldest in this database: while it is open, vacuum
+/// keeps every row version deleted since it began, in every table (the queue's slots are
+/// truncated instead, see `claim::rotation`, but events, notifications and the rate
+/// windows are not).
+#[derive(Debug, Clone, PartialEq, Serialize, sqlx::FromRow)]
+pub struct HorizonHolder {
+    pub pid: i32,
+    /// Seconds since its transaction began (or since the prepared transaction was prepared,
+    /// or the replication slot's oldest transaction, for those kinds).
+    pub age_secs: f64,
+    /// `session`, `prepared transaction` or `replication slot`.
+    pub kind: String,
+    pub user_name: Option<String>,
+    pub application_name: Option<String>,
+    pub state: Option<String>,
+    /// Its current or last statement, shortened.
+    pub query: Option<String>,
+}
+
+/// The oldest holder of the xmin horizon: a session of this database (another role's
+/// session is visible with `pg_read_all_stats`, which `notifyd grants` gives the worker
+/// role), a prepared transaction, or a replication slot. `None` when nothing holds it.
+pub async fn horizon_holder(pool: &PgPool) -> Result<Option<HorizonHolder>, sqlx::Error> {
+    db::fetch_optional(
+        pool,
+        sqlx::query_as(
+            "SELECT pid, age_secs, kind, user_name, application_name, state, query FROM (
+                 SELECT a.pid, extract(epoch FROM now() - COALESCE(a.xact_start, a.backend_start))::float8 AS age_secs,
+                        'session' AS kind, a.usename::text AS user_name, a.application_name::text,
+                        a.state::text, left(a.query, 200) AS query, age(a.backend_xmin) AS xmin_age
+                 FROM pg_stat_activity AS a
+                 WHERE a.datname = current_database() AND a.backend_xmin IS NOT NULL
+                   AND a.pid <> pg_backend_pid()
+                 UNION ALL
+                 SELECT 0, extract(epoch FROM now() - p.prepared)::float8, 'prepared transaction',
+                        p.owner::text, p.gid, NULL, NULL, age(p.transaction)
+                 FROM pg_prepared_xacts AS p WHERE p.database = current_database()
+                 UNION ALL
+                 SELECT COALESCE(r.active_pid, 0), NULL, 'replication slot', NULL, r.slot_name::text,
+                        NULL, NULL, age(r.xmin)
+                 FROM pg_replication_slots AS r WHERE r.xmin IS NOT NULL
+             ) AS h
+             ORDER BY xmin_age DESC, age_secs DESC NULLS LAST
+             LIMIT 1",
+        ),
+    )
+    .await
 }
 
 /// A worker's heartbeat row.
@@ -88,24 +148,17 @@ pub struct WorkerRow {
     pub last_seen: DateTime<Utc>,
     /// Seconds since the last heartbeat.
     pub silent_secs: f64,
-    /// Jobs it has claimed and not finished.
-    pub holds: i64,
     #[sqlx(skip)]
     pub alive: bool,
 }
 
-/// Workers seen in the last hour, and any older one that still holds jobs.
+/// Workers seen in the last hour.
 pub async fn workers(pool: &PgPool, silent_after: Duration) -> Result<Vec<WorkerRow>, sqlx::Error> {
     let query = sqlx::query_as(
         "SELECT w.id AS name, w.last_seen,
-                extract(epoch FROM now() - w.last_seen)::float8 AS silent_secs,
-                (SELECT count(*) FROM apalis.jobs AS j
-                 WHERE j.lock_by = w.id AND j.status IN ('Queued', 'Running')) AS holds
+                extract(epoch FROM now() - w.last_seen)::float8 AS silent_secs
          FROM apalis.workers AS w
-         WHERE w.worker_type = $1
-           AND (w.last_seen > now() - interval '1 hour'
-                OR EXISTS (SELECT 1 FROM apalis.jobs AS j
-                           WHERE j.lock_by = w.id AND j.status IN ('Queued', 'Running')))
+         WHERE w.worker_type = $1 AND w.last_seen > now() - interval '1 hour'
          ORDER BY w.last_seen DESC, w.id
          LIMIT 200",
     )
@@ -170,98 +223,65 @@ pub async fn set_retry_settings(
     Ok(())
 }
 
-/// One job, as operators see it.
-#[derive(Debug, Clone, Serialize)]
+/// One job, as operators see it. A job is named by its event's id.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
 pub struct JobView {
-    pub id: String,
+    pub event_id: i64,
+    /// `pending` (due), `scheduled` (not due yet), `retry_wait` (failed, attempts left,
+    /// waiting out the backoff) or `failed` (ended without an outcome).
     pub status: String,
+    /// Where it waits: slot `0`-`3`, `later`, or `dead`.
+    pub place: String,
     pub attempts: i32,
     pub max_attempts: i32,
+    /// When it is due (for a failed job: when it failed).
     pub run_at: DateTime<Utc>,
-    pub lock_by: Option<String>,
-    pub lock_at: Option<DateTime<Utc>>,
-    pub done_at: Option<DateTime<Utc>>,
-    /// The event id named by the payload, if the payload is valid.
-    pub event_id: Option<i64>,
-    /// The payload as text (lossy UTF-8, at most 200 characters).
-    pub payload: String,
-    /// Why the job failed: the error text of `last_result`, or `last_result` as JSON.
+    /// The worker that refused it or counted its last attempt (failed jobs).
+    pub worker: Option<String>,
+    /// Why it failed (failed jobs, and retries: the last error).
     pub reason: Option<String>,
-    pub last_result: Option<serde_json::Value>,
 }
 
-#[derive(sqlx::FromRow)]
-struct JobRow {
-    id: String,
-    status: String,
-    attempts: i32,
-    max_attempts: i32,
-    run_at: DateTime<Utc>,
-    lock_by: Option<String>,
-    lock_at: Option<DateTime<Utc>>,
-    done_at: Option<DateTime<Utc>>,
-    job: Vec<u8>,
-    last_result: Option<serde_json::Value>,
-}
-
-impl From<JobRow> for JobView {
-    fn from(r: JobRow) -> Self {
-        let event_id = parse_job(&r.job).ok();
-        let payload: String = String::from_utf8_lossy(&r.job).chars().take(200).collect();
-        let reason = r.last_result.as_ref().map(|v| match v.get("Err") {
-            Some(serde_json::Value::String(s)) => s.clone(),
-            _ => v.to_string(),
-        });
-        JobView {
-            id: r.id,
-            status: r.status,
-            attempts: r.attempts,
-            max_attempts: r.max_attempts,
-            run_at: r.run_at,
-            lock_by: r.lock_by,
-            lock_at: r.lock_at,
-            done_at: r.done_at,
-            event_id,
-            payload,
-            reason,
-            last_result: r.last_result,
-        }
-    }
-}
-
-const JOB_COLUMNS: &str =
-    "id, status, attempts, max_attempts, run_at, lock_by, lock_at, done_at, job, last_result";
+const JOB_QUERY: &str = "
+SELECT q.event_id,
+       CASE WHEN q.place = 'later' AND q.attempts > 0 THEN 'retry_wait'
+            WHEN q.run_at > now() THEN 'scheduled'
+            ELSE 'pending' END AS status,
+       q.place, q.attempts::integer AS attempts, s.max_attempts, q.run_at,
+       NULL::text AS worker, q.last_error AS reason
+FROM notify.queue AS q, notify.queue_settings AS s
+WHERE q.event_id = ANY($1)
+UNION ALL
+SELECT d.event_id, 'failed', 'dead', d.attempts::integer, s.max_attempts, d.failed_at,
+       d.worker, d.reason
+FROM notify.queue_dead AS d, notify.queue_settings AS s
+WHERE d.event_id = ANY($1)";
 
 /// Failed jobs, newest first, and how many there are in all.
 pub async fn failed_jobs(pool: &PgPool, limit: i64) -> Result<(Vec<JobView>, i64), sqlx::Error> {
-    let rows: Vec<JobRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT {JOB_COLUMNS} FROM apalis.jobs
-         WHERE job_type = $1 AND {IS_FAILED}
-         ORDER BY done_at DESC NULLS LAST, id DESC
-         LIMIT $2"
-    )))
-    .bind(QUEUE)
+    let rows: Vec<JobView> = sqlx::query_as(
+        "SELECT d.event_id, 'failed' AS status, 'dead' AS place, d.attempts::integer AS attempts,
+                s.max_attempts, d.failed_at AS run_at, d.worker, d.reason
+         FROM notify.queue_dead AS d, notify.queue_settings AS s
+         ORDER BY d.failed_at DESC, d.event_id DESC
+         LIMIT $1",
+    )
     .bind(limit)
     .fetch_all(pool)
     .await?;
-    let total: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-        "SELECT count(*) FROM apalis.jobs WHERE job_type = $1 AND {IS_FAILED}"
-    )))
-    .bind(QUEUE)
-    .fetch_one(pool)
-    .await?;
-    Ok((rows.into_iter().map(JobView::from).collect(), total))
+    let total: i64 = sqlx::query_scalar("SELECT count(*) FROM notify.queue_dead")
+        .fetch_one(pool)
+        .await?;
+    Ok((rows, total))
 }
 
-pub async fn job(pool: &PgPool, id: &str) -> Result<Option<JobView>, sqlx::Error> {
-    let row: Option<JobRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT {JOB_COLUMNS} FROM apalis.jobs WHERE job_type = $1 AND id = $2"
-    )))
-    .bind(QUEUE)
-    .bind(id)
-    .fetch_optional(pool)
-    .await?;
-    Ok(row.map(JobView::from))
+/// The job of event `id`, wherever it is; `None` once it has finished (its record is then
+/// the event's outcome).
+pub async fn job(pool: &PgPool, id: i64) -> Result<Option<JobView>, sqlx::Error> {
+    sqlx::query_as(JOB_QUERY)
+        .bind([id])
+        .fetch_optional(pool)
+        .await
 }
 
 /// The event a job points at (no body: operators need its state, not its text).
@@ -289,57 +309,51 @@ pub async fn event(pool: &PgPool, id: i64) -> Result<Option<EventView>, sqlx::Er
     .await
 }
 
-/// Put failed jobs back to `Pending` (attempts 0, due now). `None` means all of them.
-/// Returns the ids changed.
-pub async fn retry_failed(
-    pool: &PgPool,
-    ids: Option<&[String]>,
-) -> Result<Vec<String>, sqlx::Error> {
+/// Put failed jobs back in the queue (attempts 0, due now). `None` means all of them.
+/// Returns the event ids of the jobs changed.
+pub async fn retry_failed(pool: &PgPool, ids: Option<&[i64]>) -> Result<Vec<i64>, sqlx::Error> {
     bulk(
         pool,
         ids,
-        "UPDATE apalis.jobs AS j
-         SET status = 'Pending', attempts = 0, run_at = now(),
-             lock_by = NULL, lock_at = NULL, done_at = NULL
-         FROM chosen WHERE j.id = chosen.id
-         RETURNING j.id",
+        "INSERT INTO notify.queue_later (event_id, priority, run_at)
+         SELECT g.event_id, COALESCE(t.priority, 0), now()
+         FROM gone AS g
+         LEFT JOIN notify.events AS e ON e.id = g.event_id
+         LEFT JOIN notify.event_types AS t ON t.name = e.event_type
+         ON CONFLICT (event_id) DO NOTHING",
     )
     .await
 }
 
-/// Delete failed jobs. `None` means all of them. Returns the ids deleted.
-pub async fn discard_failed(
-    pool: &PgPool,
-    ids: Option<&[String]>,
-) -> Result<Vec<String>, sqlx::Error> {
-    bulk(
-        pool,
-        ids,
-        "DELETE FROM apalis.jobs AS j USING chosen WHERE j.id = chosen.id RETURNING j.id",
-    )
-    .await
+/// Delete failed jobs for good. `None` means all of them. Returns the event ids.
+pub async fn discard_failed(pool: &PgPool, ids: Option<&[i64]>) -> Result<Vec<i64>, sqlx::Error> {
+    bulk(pool, ids, "SELECT 1").await
 }
 
-/// Run `action` (a statement over the CTE `chosen`) on the selected failed jobs, in bounded
-/// batches for `--all`.
+/// Take the selected failed jobs out of `notify.queue_dead` (the CTE `gone`) and run `then`
+/// on them, in bounded batches for `--all`.
 async fn bulk(
     pool: &PgPool,
-    ids: Option<&[String]>,
-    action: &str,
-) -> Result<Vec<String>, sqlx::Error> {
+    ids: Option<&[i64]>,
+    then: &'static str,
+) -> Result<Vec<i64>, sqlx::Error> {
     let sql = format!(
-        "WITH chosen AS (
-             SELECT id FROM apalis.jobs
-             WHERE job_type = $1 AND {IS_FAILED} AND ($2::text[] IS NULL OR id = ANY($2))
-             ORDER BY id
-             LIMIT $3
-             FOR UPDATE SKIP LOCKED)
-         {action}"
+        "WITH gone AS (
+             DELETE FROM notify.queue_dead
+             WHERE event_id = ANY(ARRAY(
+                 SELECT event_id FROM notify.queue_dead
+                 WHERE $1::bigint[] IS NULL OR event_id = ANY($1)
+                 ORDER BY event_id
+                 LIMIT $2
+                 FOR UPDATE SKIP LOCKED))
+             RETURNING event_id
+         ),
+         then AS ({then})
+         SELECT event_id FROM gone"
     );
     let mut changed = Vec::new();
     loop {
-        let batch: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(sql.clone()))
-            .bind(QUEUE)
+        let batch: Vec<i64> = sqlx::query_scalar(sqlx::AssertSqlSafe(sql.clone()))
             .bind(ids)
             .bind(BULK_BATCH)
             .fetch_all(pool)
@@ -358,6 +372,11 @@ pub struct Status {
     pub queue: String,
     pub depth: i64,
     pub jobs: QueueStats,
+    /// The rotation of the queue's slots.
+    pub slots: Vec<SlotRow>,
+    /// The oldest open transaction (or prepared transaction, or replication slot) holding
+    /// back vacuum in this database; `None` when there is none.
+    pub horizon: Option<HorizonHolder>,
     pub events_last_hour: BTreeMap<String, i64>,
     pub silent_after_secs: u64,
     pub workers_alive: usize,
@@ -371,6 +390,8 @@ pub async fn status(pool: &PgPool, silent_after: Duration) -> anyhow::Result<Sta
     Ok(Status {
         queue: QUEUE.to_owned(),
         depth: jobs.depth(),
+        slots: slots(pool).await?,
+        horizon: horizon_holder(pool).await?,
         events_last_hour: recent_outcomes(pool).await?,
         silent_after_secs: silent_after.as_secs(),
         workers_alive: workers.iter().filter(|w| w.alive).count(),

@@ -6,7 +6,9 @@ use std::fmt::Write as _;
 
 use chrono::{DateTime, Utc};
 
-use super::queries::{EventView, JobView, QueueStats, RetrySettings, Status, WorkerRow};
+use super::queries::{
+    EventView, HorizonHolder, JobView, QueueStats, RetrySettings, SlotRow, Status, WorkerRow,
+};
 use crate::contract::QUEUE;
 
 pub(super) fn plural(n: usize) -> &'static str {
@@ -79,22 +81,18 @@ pub(super) fn render_queue(s: &QueueStats) -> String {
         vec![
             "depth".into(),
             s.depth().to_string(),
-            "jobs not finished (the rows below, without failed and done)".into(),
+            "jobs not finished (the rows below, without failed)".into(),
         ],
         vec![
             "  pending".into(),
             s.pending.to_string(),
-            format!(
-                "waiting to be claimed ({} scheduled for later)",
-                s.scheduled
-            ),
+            "due, waiting to be claimed (or in a batch in flight)".into(),
         ],
         vec![
-            "  claimed".into(),
-            s.queued.to_string(),
-            "fetched by a worker".into(),
+            "  scheduled".into(),
+            s.scheduled.to_string(),
+            "not due yet".into(),
         ],
-        vec!["  running".into(), s.running.to_string(), String::new()],
         vec![
             "  retry wait".into(),
             s.retrying.to_string(),
@@ -103,17 +101,12 @@ pub(super) fn render_queue(s: &QueueStats) -> String {
         vec![
             "lag".into(),
             human_secs(s.lag_secs),
-            "age of the oldest due job nobody has claimed".into(),
+            "age of the oldest due job nobody has finished".into(),
         ],
         vec![
             "failed".into(),
             s.failed.to_string(),
             "final: see `notifyd jobs failed`".into(),
-        ],
-        vec![
-            "done".into(),
-            s.done.to_string(),
-            "finished, not purged yet".into(),
         ],
     ];
     out.push_str(&table(
@@ -121,6 +114,60 @@ pub(super) fn render_queue(s: &QueueStats) -> String {
         &[false, true, false],
         &rows,
     ));
+    out
+}
+
+pub(super) fn render_slots(slots: &[SlotRow]) -> String {
+    let mut out = String::from(
+        "Queue slots (rotated every slot_secs; drained slots are truncated, dead rows and all)\n",
+    );
+    let rows: Vec<Vec<String>> = slots
+        .iter()
+        .map(|s| {
+            vec![
+                s.slot.to_string(),
+                s.state.clone(),
+                format!("{} ago", human_secs(s.for_secs)),
+            ]
+        })
+        .collect();
+    out.push_str(&table(
+        &["SLOT", "STATE", "SINCE"],
+        &[true, false, true],
+        &rows,
+    ));
+    out
+}
+
+pub(super) fn render_horizon(h: Option<&HorizonHolder>) -> String {
+    let Some(h) = h else {
+        return "Oldest open transaction: none holds back vacuum\n".to_owned();
+    };
+    let mut out = format!(
+        "Oldest open transaction holding back vacuum: {} pid {}, open {}",
+        h.kind,
+        h.pid,
+        human_secs(h.age_secs)
+    );
+    if let Some(u) = &h.user_name {
+        let _ = write!(out, ", user {u}");
+    }
+    if let Some(a) = h.application_name.as_deref().filter(|a| !a.is_empty()) {
+        let _ = write!(out, ", application {a}");
+    }
+    if let Some(st) = &h.state {
+        let _ = write!(out, ", {st}");
+    }
+    out.push('\n');
+    if let Some(q) = &h.query {
+        let _ = writeln!(out, "  last statement: {}", shorten(q, 120));
+    }
+    if h.age_secs >= 60.0 {
+        out.push_str(
+            "  While it is open, dead rows of events, notifications and rate windows stay; see \
+             docs/OPERATIONS.md (\"A transaction left open\")\n",
+        );
+    }
     out
 }
 
@@ -150,22 +197,16 @@ pub(super) fn render_workers(workers: &[WorkerRow], silent_after: u64) -> String
     let rows: Vec<Vec<String>> = workers
         .iter()
         .map(|w| {
-            let state = match (w.alive, w.holds) {
-                (true, _) => "alive",
-                (false, 0) => "gone",
-                (false, _) => "gone, left per-job claims: run `notifyd migrate`",
-            };
             vec![
                 w.name.clone(),
                 format!("{} ago", human_secs(w.silent_secs)),
-                w.holds.to_string(),
-                state.to_owned(),
+                if w.alive { "alive" } else { "gone" }.to_owned(),
             ]
         })
         .collect();
     out.push_str(&table(
-        &["WORKER", "LAST HEARTBEAT", "JOBS HELD", "STATE"],
-        &[false, true, true, false],
+        &["WORKER", "LAST HEARTBEAT", "STATE"],
+        &[false, true, false],
         &rows,
     ));
     out
@@ -183,6 +224,10 @@ pub(super) fn render_settings(s: &RetrySettings) -> String {
 
 pub fn render_status(s: &Status) -> String {
     let mut out = render_queue(&s.jobs);
+    out.push('\n');
+    out.push_str(&render_slots(&s.slots));
+    out.push('\n');
+    out.push_str(&render_horizon(s.horizon.as_ref()));
     out.push('\n');
     out.push_str(&render_outcomes(&s.events_last_hour));
     out.push('\n');
@@ -216,15 +261,14 @@ pub(super) fn render_failed(jobs: &[JobView], total: i64) -> String {
         .iter()
         .map(|j| {
             vec![
-                j.id.clone(),
-                j.event_id.map_or_else(|| "-".to_owned(), |e| e.to_string()),
-                if j.status == "Killed" {
-                    "refused".into()
-                } else {
+                j.event_id.to_string(),
+                if j.attempts >= j.max_attempts {
                     "exhausted".into()
+                } else {
+                    "refused".into()
                 },
                 format!("{}/{}", j.attempts, j.max_attempts),
-                opt_ts(&j.done_at),
+                ts(&j.run_at),
                 shorten(j.reason.as_deref().unwrap_or("-"), 100),
             ]
         })
@@ -239,51 +283,49 @@ pub(super) fn render_failed(jobs: &[JobView], total: i64) -> String {
         }
     );
     out.push_str(&table(
-        &[
-            "JOB",
-            "EVENT",
-            "KIND",
-            "ATTEMPTS",
-            "FAILED AT (UTC)",
-            "REASON",
-        ],
-        &[false, true, false, true, false, false],
+        &["EVENT", "KIND", "ATTEMPTS", "FAILED AT (UTC)", "REASON"],
+        &[true, false, true, false, false],
         &rows,
     ));
-    out.push_str("Inspect: notifyd jobs show <JOB> · retry: notifyd jobs retry <JOB>|--all · delete: notifyd jobs discard <JOB>|--all\n");
+    out.push_str("Inspect: notifyd jobs show <EVENT> · retry: notifyd jobs retry <EVENT>|--all · delete: notifyd jobs discard <EVENT>|--all\n");
     out
 }
 
 pub(super) fn render_job(j: &JobView, e: Option<&EventView>) -> String {
     let mut out = String::new();
-    let _ = writeln!(out, "Job {}", j.id);
+    let _ = writeln!(out, "Job of event {}", j.event_id);
     let _ = writeln!(out, "  status        {}", j.status);
+    let _ = writeln!(out, "  waits in      {}", j.place);
     let _ = writeln!(out, "  attempts      {}/{}", j.attempts, j.max_attempts);
-    let _ = writeln!(out, "  run at        {}", ts(&j.run_at));
     let _ = writeln!(
         out,
-        "  claimed by    {}",
-        j.lock_by.as_deref().unwrap_or("-")
+        "  {}        {}",
+        if j.status == "failed" {
+            "failed"
+        } else {
+            "due   "
+        },
+        ts(&j.run_at)
     );
-    let _ = writeln!(out, "  claimed at    {}", opt_ts(&j.lock_at));
-    let _ = writeln!(out, "  finished at   {}", opt_ts(&j.done_at));
-    let _ = writeln!(out, "  payload       {}", shorten(&j.payload, 200));
     let _ = writeln!(
         out,
-        "  last result   {}",
+        "  worker        {}",
+        j.worker.as_deref().unwrap_or("-")
+    );
+    let _ = writeln!(
+        out,
+        "  last error    {}",
         j.reason.as_deref().unwrap_or("-")
     );
-    match (j.event_id, e) {
-        (None, _) => {
-            let _ = writeln!(out, "Event: none (the payload names no event)");
-        }
-        (Some(id), None) => {
+    match e {
+        None => {
             let _ = writeln!(
                 out,
-                "Event {id}: not found (never enqueued, or deleted by retention)"
+                "Event {}: not found (deleted by retention, or by hand)",
+                j.event_id
             );
         }
-        (Some(_), Some(e)) => {
+        Some(e) => {
             let _ = writeln!(out, "Event {}", e.id);
             let _ = writeln!(out, "  user          {}", e.user_id);
             let _ = writeln!(out, "  type          {}", e.event_type);

@@ -13,9 +13,8 @@ use sqlx::postgres::PgPoolOptions;
 use sqlx::{Connection, PgConnection, PgPool};
 
 use notifyd::claim::Processor;
-use notifyd::claim::backend::{ClaimedBatch, ClaimedJob};
+use notifyd::claim::backend::{ClaimedBatch, ClaimedJob, claim_events};
 use notifyd::claim::maintenance;
-use notifyd::contract::QUEUE;
 use notifyd::pipeline::{Outcome, Pipeline};
 use notifyd::store::RateLimit;
 
@@ -156,14 +155,9 @@ impl TestDb {
         sqlx::query_scalar(sql).fetch_one(&self.pool).await.unwrap()
     }
 
-    /// Jobs of our queue that still have work to do.
+    /// Jobs of our queue that still have work to do (due or not, retries included).
     pub async fn live_jobs(&self) -> i64 {
-        self.count(
-            "SELECT count(*) FROM apalis.jobs WHERE job_type = 'notifyd.events'
-               AND (status IN ('Pending', 'Queued', 'Running')
-                    OR (status = 'Failed' AND attempts < max_attempts))",
-        )
-        .await
+        self.count("SELECT count(*) FROM notify.queue").await
     }
 
     /// Poll (not sleep for a guessed time) until the queue has no live job, or panic
@@ -307,54 +301,34 @@ impl std::ops::DerefMut for Runner {
     }
 }
 
-/// The job payload the enqueue trigger writes for an event.
-pub fn job_for(event_id: i64) -> Vec<u8> {
-    format!("{{\"event_id\":{event_id}}}").into_bytes()
-}
-
 /// Run events through the worker's processing as one batch, in the order given. Each
 /// event's queue row is claimed when it is there and not locked (`SKIP LOCKED`, like the
 /// worker's claim); an event named twice, or whose row is gone or held by another
-/// transaction, gets a stand-in job with the same payload, as a second queue row for the
-/// same event would be: a job that runs twice.
+/// transaction, gets a stand-in job for the same event (one that points at no queue row),
+/// as a second queue row for the same event would be: a job that runs twice.
 pub async fn process(r: &Runner, ids: &[i64]) -> Vec<Outcome> {
     maintenance::register(&r.pool, "test-runner")
         .await
         .expect("register the test runner");
     let mut tx = r.pool.begin().await.expect("begin");
-    let rows: Vec<(String, Vec<u8>, String)> = sqlx::query_as(
-        "SELECT id, job, idempotency_key FROM apalis.jobs
-         WHERE job_type = $1
-           AND idempotency_key = ANY(ARRAY(SELECT 'event:' || e FROM unnest($2::bigint[]) AS e))
-         FOR UPDATE SKIP LOCKED",
-    )
-    .bind(QUEUE)
-    .bind(ids)
-    .fetch_all(&mut *tx)
-    .await
-    .expect("lock the events' jobs");
-    let mut queued: std::collections::HashMap<String, (String, Vec<u8>)> = rows
+    let mut queued: std::collections::HashMap<i64, ClaimedJob> = claim_events(&mut tx, ids)
+        .await
+        .expect("lock the events' jobs")
         .into_iter()
-        .map(|(id, job, key)| (key, (id, job)))
+        .map(|j| (j.event_id, j))
         .collect();
     let now = chrono::Utc::now().timestamp_millis();
     let jobs = ids
         .iter()
-        .enumerate()
-        .map(
-            |(n, event)| match queued.remove(&format!("event:{event}")) {
-                Some((id, job)) => ClaimedJob {
-                    id,
-                    job,
-                    due_ms: now,
-                },
-                None => ClaimedJob {
-                    id: format!("stand-in-{n}"),
-                    job: job_for(*event),
-                    due_ms: now,
-                },
-            },
-        )
+        .map(|event| {
+            queued.remove(event).unwrap_or(ClaimedJob {
+                slot: 0,
+                tid: "(0,0)".to_owned(),
+                event_id: *event,
+                due_ms: now,
+                attempts: 0,
+            })
+        })
         .collect();
     let processor = Processor::new(r.pool.clone(), r.pipeline.clone(), "test-runner");
     processor
