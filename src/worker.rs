@@ -185,6 +185,16 @@ async fn queue_metrics_loop(
                 tracing::debug!(error = %e, "queue metrics query failed")
             }
         }
+        match ops::queries::horizon_holder(&pool).await {
+            Ok(h) => series::set_horizon(
+                h.map(|h| (h.age_secs.unwrap_or(0.0), i64::from(h.xmin_age), h.pid)),
+            ),
+            Err(e) => tracing::debug!(error = %e, "horizon query failed"),
+        }
+        match ops::queries::slots(&pool).await {
+            Ok(slots) => series::set_slots(&slots.into_iter().map(|s| s.state).collect::<Vec<_>>()),
+            Err(e) => tracing::debug!(error = %e, "slot query failed"),
+        }
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
             _ = shutdown.wait_for(|s| *s) => return,

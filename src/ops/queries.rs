@@ -98,10 +98,14 @@ pub async fn slots(pool: &PgPool) -> Result<Vec<SlotRow>, sqlx::Error> {
 /// windows are not).
 #[derive(Debug, Clone, PartialEq, Serialize, sqlx::FromRow)]
 pub struct HorizonHolder {
+    /// Its backend pid (0 for a prepared transaction, or a replication slot nobody uses).
     pub pid: i32,
-    /// Seconds since its transaction began (or since the prepared transaction was prepared,
-    /// or the replication slot's oldest transaction, for those kinds).
-    pub age_secs: f64,
+    /// Seconds since its transaction began (since it was prepared, for a prepared
+    /// transaction). `None` when the server does not show it to this role (another role's
+    /// session, without `pg_read_all_stats`) or for a replication slot.
+    pub age_secs: Option<f64>,
+    /// Transactions since its snapshot's xmin (`age(xmin)`), shown to every role.
+    pub xmin_age: i32,
     /// `session`, `prepared transaction` or `replication slot`.
     pub kind: String,
     pub user_name: Option<String>,
@@ -118,8 +122,8 @@ pub async fn horizon_holder(pool: &PgPool) -> Result<Option<HorizonHolder>, sqlx
     db::fetch_optional(
         pool,
         sqlx::query_as(
-            "SELECT pid, age_secs, kind, user_name, application_name, state, query FROM (
-                 SELECT a.pid, extract(epoch FROM now() - COALESCE(a.xact_start, a.backend_start))::float8 AS age_secs,
+            "SELECT pid, age_secs, xmin_age, kind, user_name, application_name, state, query FROM (
+                 SELECT a.pid, extract(epoch FROM now() - a.xact_start)::float8 AS age_secs,
                         'session' AS kind, a.usename::text AS user_name, a.application_name::text,
                         a.state::text, left(a.query, 200) AS query, age(a.backend_xmin) AS xmin_age
                  FROM pg_stat_activity AS a

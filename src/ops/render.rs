@@ -144,10 +144,12 @@ pub(super) fn render_horizon(h: Option<&HorizonHolder>) -> String {
         return "Oldest open transaction: none holds back vacuum\n".to_owned();
     };
     let mut out = format!(
-        "Oldest open transaction holding back vacuum: {} pid {}, open {}",
+        "Oldest open transaction holding back vacuum: {} pid {}, open {}, {} transactions behind",
         h.kind,
         h.pid,
-        human_secs(h.age_secs)
+        h.age_secs
+            .map_or_else(|| "(age not visible to this role)".to_owned(), human_secs),
+        h.xmin_age
     );
     if let Some(u) = &h.user_name {
         let _ = write!(out, ", user {u}");
@@ -162,7 +164,7 @@ pub(super) fn render_horizon(h: Option<&HorizonHolder>) -> String {
     if let Some(q) = &h.query {
         let _ = writeln!(out, "  last statement: {}", shorten(q, 120));
     }
-    if h.age_secs >= 60.0 {
+    if h.age_secs.unwrap_or(0.0) >= 60.0 || h.xmin_age >= 100_000 {
         out.push_str(
             "  While it is open, dead rows of events, notifications and rate windows stay; see \
              docs/OPERATIONS.md (\"A transaction left open\")\n",

@@ -49,6 +49,10 @@ pub const QUEUE_DEPTH: &str = "notifyd_queue_depth";
 pub const QUEUE_JOBS: &str = "notifyd_queue_jobs";
 pub const QUEUE_LAG: &str = "notifyd_queue_lag_seconds";
 pub const WORKERS_ALIVE: &str = "notifyd_workers_alive";
+pub const QUEUE_SLOTS: &str = "notifyd_queue_slots";
+pub const HORIZON_AGE: &str = "notifyd_oldest_xmin_age_seconds";
+pub const HORIZON_XIDS: &str = "notifyd_oldest_xmin_age_transactions";
+pub const HORIZON_PID: &str = "notifyd_oldest_xmin_pid";
 pub const WORKER_RESTARTS: &str = "notifyd_worker_restarts_total";
 pub const HTTP_REQUESTS: &str = "notifyd_http_requests_total";
 pub const HTTP_SECONDS: &str = "notifyd_http_request_duration_seconds";
@@ -129,9 +133,25 @@ fn describe() {
     describe_histogram!(BATCH_JOBS, "Jobs per claimed batch");
     describe_gauge!(
         QUEUE_DEPTH,
-        "Jobs not finished yet: pending, claimed, running, or waiting to retry"
+        "Jobs not finished yet: pending, scheduled, or waiting to retry"
     );
     describe_gauge!(QUEUE_JOBS, "Queue rows by state");
+    describe_gauge!(
+        QUEUE_SLOTS,
+        "The queue's slot tables by rotation state (current, draining, drained, clean)"
+    );
+    describe_gauge!(
+        HORIZON_AGE,
+        "Seconds the oldest open transaction holding back vacuum in this database has been open (0 when none, or not visible to the worker's role)"
+    );
+    describe_gauge!(
+        HORIZON_XIDS,
+        "Transactions since the xmin of the oldest snapshot holding back vacuum (0 when none)"
+    );
+    describe_gauge!(
+        HORIZON_PID,
+        "Backend pid of the oldest open transaction holding back vacuum (0 when none)"
+    );
     describe_gauge!(
         STREAMS_OPEN,
         "Notification streams this serve process holds open"
@@ -227,6 +247,23 @@ pub struct QueueGauges {
     pub jobs: Vec<(&'static str, i64)>,
     pub lag_secs: f64,
     pub workers_alive: usize,
+}
+
+/// What holds the xmin horizon back: `(age in seconds, age in transactions, pid)`, or
+/// `None` when nothing does.
+pub fn set_horizon(holder: Option<(f64, i64, i32)>) {
+    let (secs, xids, pid) = holder.unwrap_or_default();
+    gauge!(HORIZON_AGE).set(secs);
+    gauge!(HORIZON_XIDS).set(xids as f64);
+    gauge!(HORIZON_PID).set(f64::from(pid));
+}
+
+/// Slot tables by rotation state.
+pub fn set_slots(states: &[String]) {
+    for state in ["current", "draining", "drained", "clean"] {
+        let n = states.iter().filter(|s| s.as_str() == state).count();
+        gauge!(QUEUE_SLOTS, "state" => state).set(n as f64);
+    }
 }
 
 /// Set the queue gauges.

@@ -35,8 +35,12 @@ use anyhow::Context;
 use clap::{Args, Parser};
 use sqlx::{Connection, PgConnection, PgPool};
 
-use notifyd::contract::ANNOUNCE_CHANNEL;
 use notifyd::db;
+
+mod enqueue;
+mod steady;
+
+use steady::{Latencies, Percentiles, QueueSample, Steady, show_percentiles};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -115,6 +119,41 @@ struct BenchArgs {
     #[arg(long, default_value_t = 2)]
     ceiling_clients: u32,
 
+    /// Hold one REPEATABLE READ transaction open for this many seconds, during a second
+    /// steady phase at `--rate` (the first one is its baseline, in the same run), then run a
+    /// third steady phase after releasing it; 0 skips.
+    #[arg(long, default_value_t = 0)]
+    hold_secs: u64,
+
+    /// Seconds per pgbench measurement of the enqueue cost phase (single-row INSERT into
+    /// notify.events against a plain table, 4 clients); 0 skips the phase.
+    #[arg(long, default_value_t = 0)]
+    enqueue_secs: u64,
+
+    /// Rounds of the enqueue cost phase (alternating order).
+    #[arg(long, default_value_t = 3)]
+    enqueue_rounds: u32,
+
+    /// Drain the burst on tables no ANALYZE has seen (and autovacuum off on them), as a
+    /// first backfill or a server whose autovacuum lags would; by default the bench
+    /// analyzes after enqueuing.
+    #[arg(long)]
+    stale_stats: bool,
+
+    /// A broadcast: this many `system_alert` events (one per user, one INSERT … SELECT)
+    /// enqueued while `new_message` probes run at `--broadcast-rate`, beside the same probes
+    /// without it; 0 skips.
+    #[arg(long, default_value_t = 0)]
+    broadcast: u64,
+
+    /// Probe rate (events per second) of the broadcast phase and its baseline.
+    #[arg(long, default_value_t = 100)]
+    broadcast_rate: u64,
+
+    /// Length of the broadcast phase in seconds (the broadcast is enqueued 1 s in).
+    #[arg(long, default_value_t = 120)]
+    broadcast_secs: u64,
+
     /// Keep the scratch database afterwards (its name is printed).
     #[arg(long)]
     keep: bool,
@@ -150,6 +189,38 @@ struct Report {
     /// Notification stamp minus event stamp, database clock.
     latency_stamp_ms: Option<Percentiles>,
     soak: Vec<SoakSample>,
+    stale_stats: bool,
+    enqueue: Option<enqueue::EnqueueCost>,
+    hold: Option<HoldReport>,
+    broadcast: Option<BroadcastReport>,
+}
+
+/// The held-transaction phases.
+#[derive(Debug, Default, serde::Serialize)]
+struct HoldReport {
+    secs: u64,
+    held: Latencies,
+    after: Latencies,
+    /// Held p99 over the baseline p99 of the same run.
+    p99_ratio: Option<f64>,
+    samples: Vec<QueueSample>,
+}
+
+/// The broadcast phase and its baseline.
+#[derive(Debug, Default, serde::Serialize)]
+struct BroadcastReport {
+    events: u64,
+    rate: u64,
+    baseline: Latencies,
+    during: Latencies,
+    /// Seconds the broadcast's INSERT took.
+    insert_secs: f64,
+    /// Seconds from the broadcast's commit until none of its jobs is left (`None`: not
+    /// drained in the phase).
+    drained_secs: Option<f64>,
+    /// Latency (database stamps) of the probes sent while the broadcast drained.
+    while_draining: Option<Percentiles>,
+    samples: Vec<QueueSample>,
 }
 
 /// One sample of the soak phase.
@@ -209,6 +280,7 @@ async fn run_phases(url: &str, args: &BenchArgs) -> anyhow::Result<Report> {
         fetch_batch: args.fetch_batch,
         store_flushers: args.store_flushers,
         latency_rate: args.rate,
+        stale_stats: args.stale_stats,
         ..Default::default()
     };
 
@@ -220,6 +292,15 @@ async fn run_phases(url: &str, args: &BenchArgs) -> anyhow::Result<Report> {
     .bind(args.users as i64)
     .execute(&pool)
     .await?;
+
+    if args.enqueue_secs > 0 {
+        eprintln!(
+            "phase 0: enqueue cost, pgbench {} x {} s",
+            args.enqueue_rounds, args.enqueue_secs
+        );
+        report.enqueue =
+            Some(enqueue::run(&pool, url, args.enqueue_secs, args.enqueue_rounds.max(1)).await?);
+    }
 
     if args.ceiling_clients > 0 {
         eprintln!(
@@ -244,11 +325,36 @@ async fn run_phases(url: &str, args: &BenchArgs) -> anyhow::Result<Report> {
             "phase 3: latency at {} events/s for {} s",
             args.rate, args.latency_secs
         );
-        let measured = latency(&pool, url, args).await;
+        let measured = steady::run(
+            &pool,
+            url,
+            &Steady {
+                rate: args.rate,
+                secs: args.latency_secs,
+                event_type: "new_message",
+                label: "lat",
+                csv: args.latency_csv.as_deref(),
+            },
+        )
+        .await;
         if measured.is_err() {
             stop_workers(&mut workers);
         }
         let measured = measured?;
+        if args.hold_secs > 0 {
+            let held = hold_phases(&pool, url, args, measured.readable).await;
+            if held.is_err() {
+                stop_workers(&mut workers);
+            }
+            report.hold = Some(held?);
+        }
+        if args.broadcast > 0 {
+            let b = broadcast_phases(&pool, url, args).await;
+            if b.is_err() {
+                stop_workers(&mut workers);
+            }
+            report.broadcast = Some(b?);
+        }
         report.latency_events = measured.events;
         report.latency_readable_ms = measured.readable;
         report.latency_stamp_ms = measured.stamp;
@@ -548,6 +654,16 @@ async fn drain(
     url: &str,
     args: &BenchArgs,
 ) -> anyhow::Result<(f64, f64, Vec<f64>, Vec<Child>)> {
+    if args.stale_stats {
+        // No ANALYZE may see the burst before the drain, not even autovacuum's.
+        for table in STALE_TABLES {
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "ALTER TABLE {table} SET (autovacuum_enabled = false)"
+            )))
+            .execute(pool)
+            .await?;
+        }
+    }
     sqlx::query(
         "INSERT INTO notify.events (user_id, event_type, body)
          SELECT 'u' || (g % $2 + 1),
@@ -559,7 +675,9 @@ async fn drain(
     .bind(args.users as i64)
     .execute(pool)
     .await?;
-    sqlx::query("ANALYZE").execute(pool).await?;
+    if !args.stale_stats {
+        sqlx::query("ANALYZE").execute(pool).await?;
+    }
 
     let started = Instant::now();
     let mut workers = spawn_workers(url, args)?;
@@ -614,189 +732,201 @@ async fn drain(
     Ok((rate, wall, rss, workers))
 }
 
-/// Latency figures of phase 3, in milliseconds.
-#[derive(Debug, Default)]
-struct Latencies {
-    events: u64,
-    /// Client side: from just before the producer sends its INSERT to the moment the
-    /// bench hears the worker's commit announcement for that user (the notification is
-    /// committed, hence readable, by then).
-    readable: Option<Percentiles>,
-    /// Database clock: notification stamp minus event stamp (excludes the commit).
-    stamp: Option<Percentiles>,
-    /// Client side: the producer's INSERT, from sending it to its commit acknowledged.
-    insert: Option<Percentiles>,
-    /// Client side: from the INSERT's commit acknowledged to readable.
-    after_insert: Option<Percentiles>,
-}
+/// The tables a burst writes, kept from autovacuum's ANALYZE by `--stale-stats`.
+const STALE_TABLES: [&str; 8] = [
+    "notify.events",
+    "notify.notifications",
+    "notify.rate_windows",
+    "notify.preferences",
+    "notify.queue_0",
+    "notify.queue_1",
+    "notify.queue_2",
+    "notify.queue_3",
+];
 
-#[derive(Debug, Clone, Copy, serde::Serialize)]
-struct Percentiles {
-    p50: f64,
-    p99: f64,
-    max: f64,
-}
-
-fn show_percentiles(p: Option<Percentiles>) -> String {
-    p.map_or("-".to_owned(), |p| {
-        format!(
-            "p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
-            p.p50, p.p99, p.max
-        )
-    })
-}
-
-fn percentiles(mut ms: Vec<f64>) -> Option<Percentiles> {
-    if ms.is_empty() {
-        return None;
-    }
-    ms.sort_by(f64::total_cmp);
-    let at = |q: f64| ms[((ms.len() as f64 * q).ceil() as usize).clamp(1, ms.len()) - 1];
-    Some(Percentiles {
-        p50: at(0.50),
-        p99: at(0.99),
-        max: ms[ms.len() - 1],
-    })
-}
-
-async fn latency(pool: &PgPool, url: &str, args: &BenchArgs) -> anyhow::Result<Latencies> {
-    let first_id: i64 = sqlx::query_scalar("SELECT COALESCE(max(id), 0) FROM notify.events")
-        .fetch_one(pool)
-        .await?;
-    // Every probe has a user of its own, so the worker's announcement for that user
-    // (`[[user, max_id], ...]`, sent on commit) tells when this very event became readable.
-    let mut listener = sqlx::postgres::PgListener::connect(url).await?;
-    listener.listen(ANNOUNCE_CHANNEL).await?;
-    let (stop_listening, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let heard = tokio::spawn(async move {
-        let mut first_heard: std::collections::HashMap<String, Instant> = Default::default();
-        loop {
-            let n = tokio::select! {
-                n = listener.try_recv() => n,
-                _ = &mut stop_rx => break,
-            };
-            let Ok(Some(n)) = n else { break };
-            let at = Instant::now();
-            if let Ok(pairs) = serde_json::from_str::<Vec<(String, i64)>>(n.payload()) {
-                for (user, _) in pairs {
-                    first_heard.entry(user).or_insert(at);
-                }
-            }
-        }
-        first_heard
-    });
-
-    const PRODUCER_CONNECTIONS: u32 = 16;
-    let producers = db::connect(url, PRODUCER_CONNECTIONS, "notifyd-bench-producer").await?;
-    // Open every producer connection before the clock starts, as a running backend's pool
-    // would be: otherwise the first second measures connection set-up (up to 160 ms).
-    drop(
-        futures::future::try_join_all((0..PRODUCER_CONNECTIONS).map(|_| producers.acquire()))
-            .await?,
+/// Phase 3b/3c: a held snapshot for `--hold-secs` at the steady rate, then the same rate
+/// after it is released. `baseline` is phase 3's readable latency.
+async fn hold_phases(
+    pool: &PgPool,
+    url: &str,
+    args: &BenchArgs,
+    baseline: Option<Percentiles>,
+) -> anyhow::Result<HoldReport> {
+    eprintln!(
+        "phase 3b: latency at {} events/s with a REPEATABLE READ transaction held for {} s",
+        args.rate, args.hold_secs
     );
-    let total = args.rate * args.latency_secs;
-    let interval = Duration::from_secs_f64(1.0 / args.rate as f64);
-    let start = tokio::time::Instant::now();
-    let mut tasks = tokio::task::JoinSet::new();
-    // Per probe: when its INSERT was sent, and when its commit was acknowledged.
-    let mut sent: Vec<Option<(Instant, Instant)>> = vec![None; total as usize];
-    let mut record =
-        |r: Result<Result<(u64, Instant, Instant), sqlx::Error>, tokio::task::JoinError>| {
-            let (i, at, committed) = r??;
-            sent[i as usize] = Some((at, committed));
-            Ok::<(), anyhow::Error>(())
-        };
-    for i in 0..total {
-        tokio::time::sleep_until(start + interval.mul_f64(i as f64)).await;
-        let p = producers.clone();
-        tasks.spawn(async move {
-            let at = Instant::now();
-            sqlx::query(
-                "INSERT INTO notify.events (user_id, event_type, body) VALUES ($1, 'new_message', $2)",
-            )
-            .bind(format!("lat{i}"))
-            .bind(format!("Latency probe {i}"))
-            .execute(&p)
-            .await
-            .map(|_| (i, at, Instant::now()))
-        });
-        while let Some(r) = tasks.try_join_next() {
-            record(r)?;
-        }
-    }
-    while let Some(r) = tasks.join_next().await {
-        record(r)?;
-    }
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let pending: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM notify.event_outcomes WHERE event_id > $1 AND outcome IS NULL",
-        )
-        .bind(first_id)
-        .fetch_one(pool)
-        .await?;
-        if pending == 0 || Instant::now() > deadline {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    producers.close().await;
-    // The last announcements are already on their way once every event has an outcome.
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let _ = stop_listening.send(());
-    let first_heard = heard.await.unwrap_or_default();
-
-    let ms = |from: Instant, to: Instant| to.saturating_duration_since(from).as_secs_f64() * 1e3;
-    let mut readable = Vec::new();
-    let mut insert = Vec::new();
-    let mut after_insert = Vec::new();
-    let mut csv = String::from("event,sent_ms,insert_ms,readable_ms\n");
-    for (i, probe) in sent.iter().enumerate() {
-        let Some((at, committed)) = *probe else {
-            continue;
-        };
-        insert.push(ms(at, committed));
-        let heard = first_heard.get(&format!("lat{i}")).copied();
-        if let Some(heard) = heard {
-            readable.push(ms(at, heard));
-            after_insert.push(ms(committed, heard));
-        }
-        csv.push_str(&format!(
-            "{i},{:.2},{:.2},{}\n",
-            ms(start.into_std(), at),
-            ms(at, committed),
-            heard.map_or("-1".to_owned(), |h| format!("{:.2}", ms(at, h)))
-        ));
-    }
-    if let Some(path) = &args.latency_csv {
-        std::fs::write(path, csv).with_context(|| format!("cannot write {}", path.display()))?;
-    }
-    let stamps: Vec<f64> = sqlx::query_scalar(
-        "SELECT EXTRACT(EPOCH FROM n.created_at - e.created_at)::float8 * 1000
-         FROM notify.events e JOIN notify.notifications n ON n.event_id = e.id
-         WHERE e.id > $1",
+    let hold = steady::Hold::open(url).await?;
+    eprintln!("  holding: pid {}", hold.pid);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = steady::sample_queue(pool.clone(), Duration::from_secs(10), stop.clone());
+    let held = steady::run(
+        pool,
+        url,
+        &Steady {
+            rate: args.rate,
+            secs: args.hold_secs,
+            event_type: "new_message",
+            label: "held",
+            csv: None,
+        },
     )
-    .bind(first_id)
-    .fetch_all(pool)
+    .await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let samples = sampler.await.unwrap_or_default();
+    hold.release().await?;
+    let held = held?;
+    for (minute, p) in held.per_minute.iter().enumerate() {
+        eprintln!(
+            "    minute {:>3}: {}",
+            minute + 1,
+            show_percentiles(Some(*p))
+        );
+    }
+    if let Some(last) = samples.last() {
+        let max_backlog = samples.iter().map(|s| s.backlog).max().unwrap_or(0);
+        let max_dead = samples.iter().map(|s| s.slot_dead).max().unwrap_or(0);
+        eprintln!(
+            "  held: backlog at most {max_backlog}, slot dead tuples at most {max_dead}; slots at the end {}",
+            last.slots
+        );
+    }
+    eprintln!(
+        "phase 3c: latency at {} events/s after the release",
+        args.rate
+    );
+    let after = steady::run(
+        pool,
+        url,
+        &Steady {
+            rate: args.rate,
+            secs: args.latency_secs,
+            event_type: "new_message",
+            label: "after",
+            csv: None,
+        },
+    )
     .await?;
-    let heard = readable.len();
-    let out = Latencies {
-        events: total,
-        readable: percentiles(readable),
-        stamp: percentiles(stamps),
-        insert: percentiles(insert),
-        after_insert: percentiles(after_insert),
+    let p99_ratio = match (held.readable, baseline) {
+        (Some(h), Some(b)) if b.p99 > 0.0 => Some(h.p99 / b.p99),
+        _ => None,
+    };
+    Ok(HoldReport {
+        secs: args.hold_secs,
+        held,
+        after,
+        p99_ratio,
+        samples,
+    })
+}
+
+/// Phase 4a/4b: `new_message` probes at `--broadcast-rate` without, then with, a broadcast
+/// of `--broadcast` `system_alert` events enqueued one second in.
+async fn broadcast_phases(
+    pool: &PgPool,
+    url: &str,
+    args: &BenchArgs,
+) -> anyhow::Result<BroadcastReport> {
+    eprintln!(
+        "phase 4a: new_message probes at {}/s for {} s, no broadcast",
+        args.broadcast_rate, args.latency_secs
+    );
+    let baseline = steady::run(
+        pool,
+        url,
+        &Steady {
+            rate: args.broadcast_rate,
+            secs: args.latency_secs,
+            event_type: "new_message",
+            label: "quiet",
+            csv: None,
+        },
+    )
+    .await?;
+    eprintln!(
+        "phase 4b: the same probes for {} s, with a broadcast of {} system_alert events",
+        args.broadcast_secs, args.broadcast
+    );
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = steady::sample_queue(pool.clone(), Duration::from_secs(1), stop.clone());
+    let phase_start = Instant::now();
+    let broadcaster = {
+        let pool = pool.clone();
+        let n = args.broadcast;
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let started = Instant::now();
+            sqlx::query(
+                "INSERT INTO notify.events (user_id, event_type, body)
+                 SELECT 'bcast' || g, 'system_alert', 'Scheduled maintenance tonight at 22:00'
+                 FROM generate_series(1, $1::bigint) AS g",
+            )
+            .bind(n as i64)
+            .execute(&pool)
+            .await
+            .map(|_| (started - phase_start, started.elapsed()))
+        })
+    };
+    let during = steady::run(
+        pool,
+        url,
+        &Steady {
+            rate: args.broadcast_rate,
+            secs: args.broadcast_secs,
+            event_type: "new_message",
+            label: "busy",
+            csv: None,
+        },
+    )
+    .await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let samples = sampler.await.unwrap_or_default();
+    let (began, insert) = broadcaster.await??;
+    let during = during?;
+    let committed = (began + insert).as_secs_f64();
+    let drained = samples
+        .iter()
+        .find(|s| s.secs > committed && s.low_priority == 0)
+        .map(|s| s.secs - committed);
+    // The probes sent while the broadcast drained: per-minute windows are too coarse, so
+    // read them back from the database clock (event stamp to notification stamp).
+    let while_draining = match drained {
+        Some(d) => {
+            let ms: Vec<f64> = sqlx::query_scalar(
+                "SELECT EXTRACT(EPOCH FROM n.created_at - e.created_at)::float8 * 1000
+                 FROM notify.events e JOIN notify.notifications n ON n.event_id = e.id
+                 WHERE e.user_id LIKE 'busy%'
+                   AND e.created_at BETWEEN
+                       (SELECT min(created_at) FROM notify.events WHERE user_id LIKE 'bcast%')
+                       + make_interval(secs => $1)
+                       AND (SELECT min(created_at) FROM notify.events WHERE user_id LIKE 'bcast%')
+                       + make_interval(secs => $1 + $2)",
+            )
+            .bind(insert.as_secs_f64())
+            .bind(d)
+            .fetch_all(pool)
+            .await?;
+            steady::percentiles(ms)
+        }
+        None => None,
     };
     eprintln!(
-        "  latency: {total} events, {} heard; enqueue to readable: {}; of which the INSERT: {}; \
-         its commit to readable: {}; db stamps: {}",
-        heard,
-        show_percentiles(out.readable),
-        show_percentiles(out.insert),
-        show_percentiles(out.after_insert),
-        show_percentiles(out.stamp)
+        "  broadcast: INSERT of {} took {:.1} s; queue empty {} after its commit; probes          meanwhile (db stamps): {}",
+        args.broadcast,
+        insert.as_secs_f64(),
+        drained.map_or("not within the phase".to_owned(), |d| format!("{d:.1} s")),
+        show_percentiles(while_draining)
     );
-    Ok(out)
+    Ok(BroadcastReport {
+        events: args.broadcast,
+        rate: args.broadcast_rate,
+        baseline,
+        during,
+        insert_secs: insert.as_secs_f64(),
+        drained_secs: drained,
+        while_draining,
+        samples,
+    })
 }
 
 fn with_database(url: &str, db: &str) -> anyhow::Result<String> {
@@ -853,6 +983,50 @@ fn print_report(r: &Report) {
         "  worker peak RSS (MiB):        {:?}",
         r.worker_peak_rss_mib
     );
+    if let Some(e) = &r.enqueue {
+        println!(
+            "  enqueue (pgbench, 4 clients, synchronous_commit {}): notify.events {:.0} tps, plain table {:.0} tps: {:.2} x",
+            e.synchronous_commit, e.events_median, e.plain_median, e.ratio
+        );
+    }
+    if r.stale_stats {
+        println!("  (drained on tables no ANALYZE had seen)");
+    }
+    if let Some(h) = &r.hold {
+        println!(
+            "  held transaction, {} s: enqueue to readable {}; p99 {} x the baseline",
+            h.secs,
+            show_percentiles(h.held.readable),
+            h.p99_ratio.map_or("-".into(), |v| format!("{v:.2}"))
+        );
+        println!(
+            "    backlog at most {}, slot dead tuples at most {}",
+            h.samples.iter().map(|s| s.backlog).max().unwrap_or(0),
+            h.samples.iter().map(|s| s.slot_dead).max().unwrap_or(0)
+        );
+        println!(
+            "    after the release: {}",
+            show_percentiles(h.after.readable)
+        );
+    }
+    if let Some(b) = &r.broadcast {
+        println!(
+            "  broadcast of {} system_alert, new_message probes at {}/s:",
+            b.events, b.rate
+        );
+        println!(
+            "    without it:   {}",
+            show_percentiles(b.baseline.readable)
+        );
+        println!("    with it:      {}", show_percentiles(b.during.readable));
+        println!(
+            "    broadcast INSERT {:.1} s, drained {} after its commit; probes while it drained (db stamps): {}",
+            b.insert_secs,
+            b.drained_secs
+                .map_or("-".to_owned(), |d| format!("{d:.1} s")),
+            show_percentiles(b.while_draining)
+        );
+    }
     if let (Some(first), Some(last)) = (r.soak.first(), r.soak.last()) {
         let max_dead = r.soak.iter().map(|s| s.jobs_dead).max().unwrap_or(0);
         let max_mib = r.soak.iter().map(|s| s.jobs_mib).fold(0.0, f64::max);
