@@ -320,6 +320,14 @@ async fn run_phases(url: &str, args: &BenchArgs) -> anyhow::Result<Report> {
     report.worker_peak_rss_mib = rss;
     report.ratio_to_ceiling = report.ceiling_jobs_per_sec.map(|c| rate / c);
 
+    if args.broadcast > 0 {
+        let b = broadcast_phases(&pool, url, args).await;
+        if b.is_err() {
+            stop_workers(&mut workers);
+        }
+        report.broadcast = Some(b?);
+    }
+
     if args.rate > 0 && args.latency_secs > 0 {
         eprintln!(
             "phase 3: latency at {} events/s for {} s",
@@ -348,13 +356,7 @@ async fn run_phases(url: &str, args: &BenchArgs) -> anyhow::Result<Report> {
             }
             report.hold = Some(held?);
         }
-        if args.broadcast > 0 {
-            let b = broadcast_phases(&pool, url, args).await;
-            if b.is_err() {
-                stop_workers(&mut workers);
-            }
-            report.broadcast = Some(b?);
-        }
+
         report.latency_events = measured.events;
         report.latency_readable_ms = measured.readable;
         report.latency_stamp_ms = measured.stamp;
@@ -820,7 +822,7 @@ async fn hold_phases(
     })
 }
 
-/// Phase 4a/4b: `new_message` probes at `--broadcast-rate` without, then with, a broadcast
+/// Phases 2b/2c: `new_message` probes at `--broadcast-rate` without, then with, a broadcast
 /// of `--broadcast` `system_alert` events enqueued one second in.
 async fn broadcast_phases(
     pool: &PgPool,
@@ -828,7 +830,7 @@ async fn broadcast_phases(
     args: &BenchArgs,
 ) -> anyhow::Result<BroadcastReport> {
     eprintln!(
-        "phase 4a: new_message probes at {}/s for {} s, no broadcast",
+        "phase 2b: new_message probes at {}/s for {} s, no broadcast",
         args.broadcast_rate, args.latency_secs
     );
     let baseline = steady::run(
@@ -844,7 +846,7 @@ async fn broadcast_phases(
     )
     .await?;
     eprintln!(
-        "phase 4b: the same probes for {} s, with a broadcast of {} system_alert events",
+        "phase 2c: the same probes for {} s, with a broadcast of {} system_alert events",
         args.broadcast_secs, args.broadcast
     );
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
