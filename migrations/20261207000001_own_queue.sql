@@ -22,7 +22,7 @@
 --   after its backoff); the rotation moves them into the current slot when they come due,
 --   so a far-future job never keeps a slot from being truncated.
 -- * `notify.queue_dead` holds jobs that ended without an outcome (refused, or out of
---   attempts), for operators (`notifyd failed`, `retry`, `discard`).
+--   attempts), for operators (`notifyd jobs failed`, `retry`, `discard`).
 -- * `priority` is copied from `notify.event_types.priority` at enqueue; the claim takes the
 --   current slot first, then the draining ones newest first, highest priority first in each.
 --
@@ -109,6 +109,15 @@ BEGIN
         RETURN NEW;
     END IF;
     LOCK TABLE notify.events IN SHARE MODE;
+    IF TG_OP = 'TRUNCATE' THEN
+        IF EXISTS (SELECT 1 FROM notify.events) THEN
+            RAISE EXCEPTION 'cannot truncate a table referenced in a foreign key constraint'
+                USING ERRCODE = 'feature_not_supported',
+                      CONSTRAINT = 'events_event_type_known',
+                      DETAIL = 'Table "events" references "event_types" (events_event_type_known).';
+        END IF;
+        RETURN NULL;
+    END IF;
     IF EXISTS (SELECT 1 FROM notify.events AS e WHERE e.event_type = OLD.name) THEN
         RAISE EXCEPTION 'update or delete on table "event_types" violates foreign key constraint "events_event_type_known" on table "events"'
             USING ERRCODE = 'foreign_key_violation',
@@ -123,6 +132,9 @@ $$;
 CREATE TRIGGER event_types_keep_used
     BEFORE DELETE OR UPDATE OF name ON notify.event_types
     FOR EACH ROW EXECUTE FUNCTION notify.keep_used_event_type();
+CREATE TRIGGER event_types_keep_used_truncate
+    BEFORE TRUNCATE ON notify.event_types
+    FOR EACH STATEMENT EXECUTE FUNCTION notify.keep_used_event_type();
 
 -- The enqueue: one statement per INSERT statement into the current slot (due within
 -- slot_secs) and, only when some row is due later, one into queue_later. Static SQL per
@@ -179,12 +191,13 @@ BEGIN
 END;
 $$;
 
--- The claim: up to `n` due jobs, locked FOR UPDATE SKIP LOCKED, from the current slot
--- first, then the draining ones, newest first; highest priority, then oldest run_at, then
--- event id, in each. It touches no drained or clean slot, so those can be truncated while
+-- The claim: up to `n` due jobs of at least `min_priority`, locked FOR UPDATE SKIP LOCKED,
+-- from the current slot first, then the draining ones, newest first; highest priority,
+-- then oldest run_at, then event id, in each. (A worker's express lane claims with a
+-- `min_priority` above the bulk types', so interactive jobs never wait behind a broadcast.) It touches no drained or clean slot, so those can be truncated while
 -- claims run. The plan is fixed whatever the statistics say (a just-truncated slot has
 -- none): the settings below leave the claim index as the only way.
-CREATE FUNCTION notify.claim_jobs(n integer)
+CREATE FUNCTION notify.claim_jobs(n integer, min_priority integer DEFAULT -32768)
 RETURNS TABLE (slot smallint, tid text, event_id bigint, run_at timestamptz, attempts smallint)
 LANGUAGE plpgsql SET enable_seqscan = off SET enable_bitmapscan = off SET enable_sort = off
 SET search_path = pg_catalog, pg_temp AS $$
@@ -199,19 +212,19 @@ BEGIN
     LOOP
         IF s = 0 THEN
             RETURN QUERY SELECT 0::smallint, j.ctid::text, j.event_id, j.run_at, j.attempts
-                FROM notify.queue_0 AS j WHERE j.run_at <= now()
+                FROM notify.queue_0 AS j WHERE j.run_at <= now() AND j.priority >= min_priority
                 ORDER BY j.priority DESC, j.run_at, j.event_id LIMIT n - got FOR UPDATE SKIP LOCKED;
         ELSIF s = 1 THEN
             RETURN QUERY SELECT 1::smallint, j.ctid::text, j.event_id, j.run_at, j.attempts
-                FROM notify.queue_1 AS j WHERE j.run_at <= now()
+                FROM notify.queue_1 AS j WHERE j.run_at <= now() AND j.priority >= min_priority
                 ORDER BY j.priority DESC, j.run_at, j.event_id LIMIT n - got FOR UPDATE SKIP LOCKED;
         ELSIF s = 2 THEN
             RETURN QUERY SELECT 2::smallint, j.ctid::text, j.event_id, j.run_at, j.attempts
-                FROM notify.queue_2 AS j WHERE j.run_at <= now()
+                FROM notify.queue_2 AS j WHERE j.run_at <= now() AND j.priority >= min_priority
                 ORDER BY j.priority DESC, j.run_at, j.event_id LIMIT n - got FOR UPDATE SKIP LOCKED;
         ELSE
             RETURN QUERY SELECT 3::smallint, j.ctid::text, j.event_id, j.run_at, j.attempts
-                FROM notify.queue_3 AS j WHERE j.run_at <= now()
+                FROM notify.queue_3 AS j WHERE j.run_at <= now() AND j.priority >= min_priority
                 ORDER BY j.priority DESC, j.run_at, j.event_id LIMIT n - got FOR UPDATE SKIP LOCKED;
         END IF;
         GET DIAGNOSTICS k = ROW_COUNT;
@@ -221,9 +234,11 @@ BEGIN
 END;
 $$;
 
--- Move the jobs of apalis.jobs (this queue's) here: due ones to the current slot (0),
--- delayed ones to queue_later, ended ones to queue_dead. Idempotent; `notifyd migrate`
--- calls it every time, for jobs written by a worker of an older release.
+-- Move the jobs of apalis.jobs (this queue's) here: unfinished ones to queue_later with
+-- their run_at (the rotation moves them into the current slot as they come due), ended
+-- ones to queue_dead; jobs whose event no longer exists (retention deleted it) have
+-- nothing left to do and are dropped. Idempotent; `notifyd migrate` calls it every time,
+-- for jobs written by a worker of an older release.
 CREATE FUNCTION notify.adopt_apalis_jobs() RETURNS bigint
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE

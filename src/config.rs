@@ -98,6 +98,19 @@ pub struct WorkerArgs {
           value_parser = clap::value_parser!(u32).range(1..=64))]
     pub store_flushers: u32,
 
+    /// Batches in flight of the express lane, which claims only jobs whose type has at
+    /// least NOTIFYD_EXPRESS_PRIORITY, so that interactive events never wait behind a bulk
+    /// backlog's batches (0 turns the lane off).
+    #[arg(long, env = "NOTIFYD_EXPRESS_BATCHES", default_value_t = 1,
+          value_parser = clap::value_parser!(u32).range(0..=16))]
+    pub express_batches: u32,
+
+    /// Lowest `notify.event_types.priority` the express lane claims (seeded: new_message
+    /// 100, status_change 50, system_alert 0).
+    #[arg(long, env = "NOTIFYD_EXPRESS_PRIORITY", default_value_t = 1,
+          value_parser = clap::value_parser!(i16).range(-1000..=1000))]
+    pub express_priority: i16,
+
     /// Milliseconds between looks at the queue while nothing is claimable (new and delayed
     /// events are found this way: enqueuing sends no NOTIFY).
     #[arg(long, env = "NOTIFYD_POLL_INTERVAL_MS", default_value_t = 10,
@@ -184,6 +197,10 @@ impl WorkerArgs {
             heartbeat: Duration::from_secs(self.liveness.heartbeat_secs),
             missed_heartbeats: self.liveness.missed_heartbeats as usize,
             name,
+            express: crate::claim::Express {
+                batches: self.express_batches as usize,
+                min_priority: self.express_priority,
+            },
         }
     }
 }

@@ -14,7 +14,7 @@
 //!   and rotation paths, read off the code, and no more. TRUNCATE on the queue's four slot
 //!   tables only (the rotation empties a drained slot that way), no DDL, no right on
 //!   `notify.preferences` but SELECT, and none on `notify.queue_settings` but SELECT
-//!   (the retry backoff trigger reads it). It may DELETE notifications and events
+//!   (a failed attempt's backoff reads it). It may DELETE notifications and events
 //!   (retention), and it has UPDATE on `notify.notifications.read_at` only because a row
 //!   lock (`FOR UPDATE SKIP LOCKED`, retention's bounded delete) needs UPDATE on some
 //!   column; it never writes it. It does not own the tables, so the vacuum safety net

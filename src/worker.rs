@@ -76,7 +76,9 @@ pub async fn run(
     let app = format!("notifyd-worker:{}", claim_settings.name);
     // Every batch in flight holds a connection from its claim to its commit; the claim,
     // heartbeat, cleanup and metrics loops need a few more.
-    let pool_size = args.db_pool.max(args.store_flushers + 4);
+    let pool_size = args
+        .db_pool
+        .max(args.store_flushers + args.express_batches + 4);
     let pool = db::connect(database_url, pool_size, &app).await?;
     db::check_schema(&pool).await?;
     match db::enqueue_notify_triggers(&pool).await {

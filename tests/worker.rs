@@ -51,6 +51,10 @@ impl Worker {
             heartbeat,
             missed_heartbeats: 5,
             name: name.to_owned(),
+            express: claim::Express {
+                batches: 1,
+                min_priority: 1,
+            },
         };
         let (stop, rx) = watch::channel(false);
         let task = tokio::spawn(claim::run(pool, settings, processor.clone(), rx, None));
@@ -96,19 +100,30 @@ async fn wait_registered(db: &TestDb, name: &str) {
     }
 }
 
-async fn insert_raw_job(pool: &PgPool, payload: &[u8]) -> String {
-    // Written straight into the queue table, as a buggy producer or a hand edit would. Due a
-    // minute ago, so these are first in line, ahead of the good events.
-    sqlx::query_scalar(
-        "INSERT INTO apalis.jobs (job, id, job_type, status, attempts, max_attempts, run_at, priority)
-         VALUES ($1, apalis.generate_ulid(), 'notifyd.events', 'Pending', 0, 5,
-                 now() - interval '1 minute', 0)
-         RETURNING id",
+/// A queue row for `event_id`, written straight into the current slot, as a hand edit
+/// would (or left behind when retention deleted its event). A queue row is typed, so the
+/// only poison it can carry is an event that does not exist. Due a minute ago with the
+/// given priority.
+async fn insert_raw_job(pool: &PgPool, event_id: i64, priority: i16) -> i64 {
+    sqlx::query(
+        "INSERT INTO notify.queue_0 (event_id, priority, run_at)
+         VALUES ($1, $2, now() - interval '1 minute')",
     )
-    .bind(payload)
-    .fetch_one(pool)
+    .bind(event_id)
+    .bind(priority)
+    .execute(pool)
     .await
-    .unwrap()
+    .unwrap();
+    event_id
+}
+
+/// The reason `notify.queue_dead` gives for `event_id`'s job.
+async fn dead_reason(pool: &PgPool, event_id: i64) -> String {
+    sqlx::query_scalar("SELECT reason FROM notify.queue_dead WHERE event_id = $1")
+        .bind(event_id)
+        .fetch_one(pool)
+        .await
+        .unwrap()
 }
 
 /// One INSERT ... SELECT of `users * per_user` events. Each user's events are consecutive,
@@ -128,11 +143,14 @@ async fn enqueue_many(db: &TestDb, users: i64, per_user: i64) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn poison_rows_are_killed_with_a_reason_and_do_not_block_the_queue() {
+async fn poison_rows_are_refused_with_a_reason_and_do_not_block_the_queue() {
     let db = TestDb::new().await;
-    let garbage = insert_raw_job(&db.pool, b"\xff\xfe\x00garbage").await;
-    let no_event_id = insert_raw_job(&db.pool, br#"{"user_id":"42","body":"hi"}"#).await;
-    let missing = insert_raw_job(&db.pool, br#"{"event_id":987654321}"#).await;
+    // First in line (highest priority, due a minute ago), ahead of the good events.
+    let poison = [
+        insert_raw_job(&db.pool, 987654321, 1000).await,
+        insert_raw_job(&db.pool, 987654322, 1000).await,
+        insert_raw_job(&db.pool, 987654323, 0).await,
+    ];
     let mut good = Vec::new();
     for i in 0..50 {
         good.push(
@@ -154,27 +172,17 @@ async fn poison_rows_are_killed_with_a_reason_and_do_not_block_the_queue() {
             .await,
         50
     );
-    for (id, reason) in [
-        (&garbage, "not JSON"),
-        (&no_event_id, "not JSON of the form"),
-        (&missing, "event 987654321 does not exist"),
-    ] {
-        let (status, result): (String, Option<serde_json::Value>) =
-            sqlx::query_as("SELECT status, last_result FROM apalis.jobs WHERE id = $1")
-                .bind(id)
-                .fetch_one(&db.pool)
-                .await
-                .unwrap();
-        assert_eq!(status, "Killed", "poison job {id}: {result:?}");
-        let text = result.map(|v| v.to_string()).unwrap_or_default();
+    for id in poison {
+        let reason = dead_reason(&db.pool, id).await;
         assert!(
-            text.contains(reason),
-            "poison job {id}: last_result {text} should say {reason:?}"
+            reason.contains(&format!("event {id} does not exist")),
+            "poison job {id}: {reason}"
         );
     }
     // No other job failed, and the good jobs finished (a finished job is deleted with its
     // outcome).
-    assert_eq!(db.count("SELECT count(*) FROM apalis.jobs").await, 3);
+    assert_eq!(db.count("SELECT count(*) FROM notify.queue_dead").await, 3);
+    assert_eq!(db.live_jobs().await, 0);
 
     // The worker kept running through them: apalis's worker was never restarted (a restart
     // registers a new name, "<prefix>-1"), and it still takes new work.
@@ -260,10 +268,11 @@ async fn two_workers_drain_2000_events_with_an_exact_rate_limit() {
         "outcomes agree with the notifications"
     );
     // Every job finished (deleted with its outcome) and none failed.
+    assert_eq!(db.live_jobs().await, 0, "every job finished");
     assert_eq!(
-        db.count("SELECT count(*) FROM apalis.jobs").await,
+        db.count("SELECT count(*) FROM notify.queue_dead").await,
         0,
-        "every job finished, none failed"
+        "none failed"
     );
     // Both replicas took part (each claims at most 10 per batch, and both were woken), and
     // between them they answered every job once.
@@ -388,7 +397,7 @@ async fn run_once_claims_batches_until_the_queue_is_empty() {
         db.enqueue(&format!("u{}", i % 3), "new_message", &format!("m{i}"))
             .await;
     }
-    let bad = insert_raw_job(&db.pool, br#"{"nope":1}"#).await;
+    let bad = insert_raw_job(&db.pool, 987654321, 0).await;
     sqlx::query(
         "INSERT INTO notify.events (user_id, event_type, body, run_at)
          VALUES ('42', 'system_alert', 'later', now() + interval '1 hour')",
@@ -432,28 +441,44 @@ async fn run_once_claims_batches_until_the_queue_is_empty() {
         db.count("SELECT count(*) FROM notify.notifications").await,
         25
     );
-    let status: String = sqlx::query_scalar("SELECT status FROM apalis.jobs WHERE id = $1")
-        .bind(&bad)
-        .fetch_one(&db.pool)
-        .await
-        .unwrap();
-    assert_eq!(status, "Killed");
+    assert!(dead_reason(&db.pool, bad).await.contains("does not exist"));
     assert!(matches!(p.run_once(10).await.unwrap(), Step::EmptyQueue));
-    // Left: the refused row and the delayed event's job.
-    assert_eq!(db.count("SELECT count(*) FROM apalis.jobs").await, 2);
+    // Left: the refused job (in queue_dead) and the delayed event's job (in queue_later).
+    assert_eq!(db.count("SELECT count(*) FROM notify.queue_dead").await, 1);
+    assert_eq!(
+        db.count("SELECT count(*) FROM notify.queue WHERE place = 'later'")
+            .await,
+        1
+    );
+    assert_eq!(db.live_jobs().await, 1);
 }
 
-/// Upgrading from a release that ran per-job workers: rows they left `Queued` or `Running`
-/// (a killed worker's fetched jobs) would never be claimed by batch workers. `notifyd
-/// migrate` puts them back to `Pending`, and the next step stores them.
+/// Upgrading from a release that queued in `apalis.jobs`: the jobs an older worker left
+/// there (due, left claimed `Queued`/`Running` by a killed per-job worker, retrying,
+/// ended) would never be claimed from notifyd's own queue. `notifyd migrate` adopts them:
+/// those with work left go to `notify.queue_later` (and from there, due, into the current
+/// slot), the ended ones to `notify.queue_dead`, finished ones are dropped, and each is
+/// then processed exactly once. Running migrate again adopts nothing.
 #[tokio::test]
-async fn migrate_takes_back_jobs_left_claimed_by_per_job_workers() {
+async fn migrate_adopts_the_jobs_left_in_apalis_jobs() {
     let db = TestDb::new().await;
-    let ids = [
-        db.enqueue("7", "new_message", "left queued").await,
-        db.enqueue("7", "new_message", "left running").await,
-        db.enqueue("8", "new_message", "pending").await,
-    ];
+    let mut ids = Vec::new();
+    for body in [
+        "pending",
+        "queued",
+        "running",
+        "retrying",
+        "killed",
+        "exhausted",
+        "done",
+    ] {
+        ids.push(db.enqueue("7", "new_message", body).await);
+    }
+    // As an older release would have queued them: no row in our queue, one in apalis.jobs.
+    sqlx::query("DELETE FROM notify.queue_0")
+        .execute(&db.pool)
+        .await
+        .unwrap();
     sqlx::query(
         "INSERT INTO apalis.workers (id, worker_type, storage_name, layers, last_seen, started_at)
          VALUES ('old-per-job-0', 'notifyd.events', 'PostgresStorage', '', now(), now())",
@@ -461,44 +486,111 @@ async fn migrate_takes_back_jobs_left_claimed_by_per_job_workers() {
     .execute(&db.pool)
     .await
     .unwrap();
-    for (event, status) in [(ids[0], "Queued"), (ids[1], "Running")] {
+    for (event, status, attempts, result) in [
+        (ids[0], "Pending", 0, None),
+        (ids[1], "Queued", 0, None),
+        (ids[2], "Running", 1, None),
+        (
+            ids[3],
+            "Failed",
+            2,
+            Some(r#"{"Err": "batch failed: flaky"}"#),
+        ),
+        (
+            ids[4],
+            "Killed",
+            1,
+            Some(r#"{"Err": "payload is not JSON"}"#),
+        ),
+        (
+            ids[5],
+            "Failed",
+            5,
+            Some(r#"{"Err": "batch failed: for good"}"#),
+        ),
+        (ids[6], "Done", 1, Some(r#"{"Ok": null}"#)),
+    ] {
         sqlx::query(
-            "UPDATE apalis.jobs SET status = $2, lock_by = 'old-per-job-0', lock_at = now()
-             WHERE idempotency_key = 'event:' || $1",
+            "INSERT INTO apalis.jobs (job, id, job_type, status, attempts, max_attempts, run_at,
+                                      priority, idempotency_key, lock_by, lock_at, last_result,
+                                      done_at)
+             VALUES (convert_to(json_build_object('event_id', $1::bigint)::text, 'UTF8'),
+                     apalis.generate_ulid(), 'notifyd.events', $2, $3, 5,
+                     now() - interval '1 minute', 0, 'event:' || $1,
+                     CASE WHEN $2 IN ('Queued', 'Running') THEN 'old-per-job-0' END,
+                     CASE WHEN $2 IN ('Queued', 'Running') THEN now() END, $4::jsonb,
+                     CASE WHEN $2 IN ('Killed', 'Failed', 'Done') THEN now() END)",
         )
         .bind(event)
         .bind(status)
+        .bind(attempts)
+        .bind(result)
         .execute(&db.pool)
         .await
         .unwrap();
     }
+    // Another queue's job in apalis.jobs is not ours to move.
+    sqlx::query(
+        "INSERT INTO apalis.jobs (job, id, job_type) VALUES ('x', apalis.generate_ulid(), 'other.queue')",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
     claim::maintenance::register(&db.pool, "new").await.unwrap();
     let p = Processor::new(db.pool.clone(), Pipeline::new(RateLimit::default()), "new");
-    // Before the reset only the pending one is claimable: the others would be stranded.
-    let Step::Processed(first) = p.run_once(100).await.unwrap() else {
-        panic!("the pending job was claimable");
-    };
-    assert_eq!(first.len(), 1);
+    // Before the adoption nothing is claimable: the jobs would be stranded.
     assert!(matches!(p.run_once(100).await.unwrap(), Step::EmptyQueue));
 
     notifyd::db::migrate(&db.pool).await.unwrap();
     assert_eq!(
-        db.count("SELECT count(*) FROM apalis.jobs WHERE status = 'Pending' AND lock_by IS NULL")
+        db.count("SELECT count(*) FROM apalis.jobs WHERE job_type = 'notifyd.events'")
             .await,
-        2
-    );
-    let Step::Processed(rest) = p.run_once(100).await.unwrap() else {
-        panic!("the reset jobs are claimable");
-    };
-    assert_eq!(rest.len(), 2);
-    assert_eq!(
-        db.count("SELECT count(*) FROM notify.notifications").await,
-        3
-    );
-    assert_eq!(db.count("SELECT count(*) FROM apalis.jobs").await, 0);
-    // Idempotent: nothing left to reset.
-    assert_eq!(
-        notifyd::db::reset_retired_claims(&db.pool).await.unwrap(),
         0
     );
+    assert_eq!(db.count("SELECT count(*) FROM apalis.jobs").await, 1);
+    let later: Vec<(i64, i16)> =
+        sqlx::query_as("SELECT event_id, attempts FROM notify.queue_later ORDER BY event_id")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        later,
+        vec![(ids[0], 0), (ids[1], 0), (ids[2], 1), (ids[3], 2)]
+    );
+    let dead: Vec<(i64, String)> =
+        sqlx::query_as("SELECT event_id, reason FROM notify.queue_dead ORDER BY event_id")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        dead,
+        vec![
+            (ids[4], "payload is not JSON".to_owned()),
+            (ids[5], "batch failed: for good".to_owned())
+        ]
+    );
+    // A tick moves the due ones into the current slot; one step processes them, once.
+    let tick = claim::rotation::tick(&db.pool).await.unwrap();
+    assert_eq!(tick.moved, 4);
+    let Step::Processed(rest) = p.run_once(100).await.unwrap() else {
+        panic!("the adopted jobs are claimable");
+    };
+    assert_eq!(rest.len(), 4);
+    assert!(
+        rest.iter().all(|a| matches!(a, Ok(Outcome::Stored { .. }))),
+        "{rest:?}"
+    );
+    assert!(matches!(p.run_once(100).await.unwrap(), Step::EmptyQueue));
+    let stored: Vec<i64> =
+        sqlx::query_scalar("SELECT event_id FROM notify.notifications ORDER BY event_id")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(stored, ids[..4].to_vec());
+    assert_eq!(db.live_jobs().await, 0);
+    // Idempotent: nothing left to adopt.
+    assert_eq!(notifyd::db::adopt_legacy_jobs(&db.pool).await.unwrap(), 0);
+    notifyd::db::migrate(&db.pool).await.unwrap();
+    assert_eq!(db.live_jobs().await, 0);
+    assert_eq!(db.count("SELECT count(*) FROM notify.queue_dead").await, 2);
 }

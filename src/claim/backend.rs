@@ -106,6 +106,8 @@ impl std::fmt::Debug for ClaimedBatch {
 pub struct Source {
     pub pool: PgPool,
     pub fetch_batch: usize,
+    /// Only jobs of at least this priority (`i16::MIN`: all; the express lane's is higher).
+    pub min_priority: i16,
     /// How long the claim stream waits after an empty claim.
     pub poll_interval: Duration,
 }
@@ -143,11 +145,11 @@ async fn next_batch(source: &Source) -> ClaimedBatch {
     let mut backoff = Duration::from_millis(100);
     loop {
         let started = std::time::Instant::now();
-        let (pool, n) = (source.pool.clone(), source.fetch_batch);
+        let (pool, n, min) = (source.pool.clone(), source.fetch_batch, source.min_priority);
         // In a task of its own, so that a worker stopping mid-claim (dropping this stream)
         // lets the statement finish instead of cutting it off; the claim it returns is then
         // dropped, which rolls it back.
-        let claimed = tokio::spawn(async move { claim_due(&pool, n).await })
+        let claimed = tokio::spawn(async move { claim_due(&pool, n, min).await })
             .await
             .unwrap_or_else(|e| Err(sqlx::Error::Protocol(format!("claim task failed: {e}"))));
         match claimed {
@@ -172,19 +174,25 @@ async fn next_batch(source: &Source) -> ClaimedBatch {
     }
 }
 
-/// Claim up to `n` due jobs (`notify.claim_jobs`, see the module doc) in a transaction
-/// that stays open until the batch is settled; `None` when nothing is claimable. The rows
+/// Claim up to `n` due jobs of at least `min_priority` (`notify.claim_jobs`, see the module
+/// doc) in a transaction that stays open until the batch is settled; `None` when nothing
+/// is claimable. The rows
 /// are not updated: the row lock is the claim. Other replicas skip them (`SKIP LOCKED`),
 /// and the lock ends with the transaction, so a worker that dies or is cut off gives its
 /// jobs back the moment its session ends, with no rescue needed.
-pub async fn claim_due(pool: &PgPool, n: usize) -> Result<Option<ClaimedBatch>, sqlx::Error> {
+pub async fn claim_due(
+    pool: &PgPool,
+    n: usize,
+    min_priority: i16,
+) -> Result<Option<ClaimedBatch>, sqlx::Error> {
     let mut tx = db::begin(pool).await?;
     let jobs = sqlx::query(
         "SELECT slot, tid, event_id, (EXTRACT(EPOCH FROM run_at) * 1000)::bigint, attempts
-         FROM notify.claim_jobs($1)",
+         FROM notify.claim_jobs($1, $2)",
     )
     .persistent(db::persistent())
     .bind(i32::try_from(n).unwrap_or(i32::MAX))
+    .bind(i32::from(min_priority))
     .try_map(job_row)
     .fetch_all(&mut *tx)
     .await?;

@@ -53,6 +53,7 @@ pub mod task;
 use std::time::{Duration, Instant};
 
 use apalis::prelude::*;
+use futures::TryFutureExt;
 use metrics::counter;
 use sqlx::PgPool;
 use tokio::sync::watch;
@@ -80,6 +81,19 @@ pub struct ClaimSettings {
     pub missed_heartbeats: usize,
     /// Prefix of the worker name in `apalis.workers`.
     pub name: String,
+    /// The express lane: batches in flight that claim only jobs of at least `min_priority`
+    /// (0 turns it off).
+    pub express: Express,
+}
+
+/// The express lane of a worker: its own batch slots, claiming only jobs whose type has at
+/// least `min_priority`, so that an interactive event never waits for a slot held by a bulk
+/// batch (a broadcast of a million `system_alert`s). The main lane claims every priority,
+/// highest first, so the express lane only adds capacity; it never takes any away.
+#[derive(Debug, Clone, Copy)]
+pub struct Express {
+    pub batches: usize,
+    pub min_priority: i16,
 }
 
 impl ClaimSettings {
@@ -97,6 +111,39 @@ pub enum Stopped {
     /// At the drain deadline, with batches still in flight: their transactions rolled
     /// back, so their jobs are back in the queue for other replicas.
     RolledBack,
+}
+
+/// One apalis worker over the batch backend: `batches` in flight, claiming jobs of at least
+/// `min_priority`; it ends when `shutdown` turns true and its batches are done. Boxed as a
+/// `'static + Send` future, which also spares the compiler a proof it cannot finish
+/// (higher-ranked lifetimes of apalis's worker future).
+#[allow(clippy::too_many_arguments)]
+fn lane(
+    pool: &PgPool,
+    settings: &ClaimSettings,
+    processor: &Processor,
+    instance: &str,
+    name: &str,
+    batches: usize,
+    min_priority: i16,
+    shutdown: &watch::Receiver<bool>,
+) -> futures::future::BoxFuture<'static, Result<(), WorkerError>> {
+    let backend = backend::backend(backend::Source {
+        pool: pool.clone(),
+        fetch_batch: settings.fetch_batch,
+        min_priority,
+        poll_interval: settings.poll_interval,
+    });
+    let worker = WorkerBuilder::new(name.to_owned())
+        .backend(backend)
+        .concurrency(batches)
+        .data(processor.renamed(instance))
+        .build(task::handle_batch);
+    let mut stop = shutdown.clone();
+    Box::pin(worker.run_until(async move {
+        let _ = stop.wait_for(|s| *s).await;
+        Ok::<(), std::io::Error>(())
+    }))
 }
 
 /// Run the worker until `shutdown` turns true. Once it does, apalis stops claiming and
@@ -127,25 +174,31 @@ pub async fn run(
             backoff = (backoff * 2).min(Duration::from_secs(10));
             continue;
         }
-        let backend = backend::backend(backend::Source {
-            pool: pool.clone(),
-            fetch_batch: settings.fetch_batch,
-            poll_interval: settings.poll_interval,
-        });
-        let worker = WorkerBuilder::new(name.clone())
-            .backend(backend)
-            .concurrency(settings.concurrency)
-            .data(processor.renamed(&name))
-            .build(task::handle_batch);
-        let mut stop = shutdown.clone();
-        // Boxed as a `'static + Send` future, which also spares the compiler a proof it
-        // cannot finish (higher-ranked lifetimes of apalis's worker future).
-        let running: futures::future::BoxFuture<'static, Result<(), WorkerError>> =
-            Box::pin(worker.run_until(async move {
-                let _ = stop.wait_for(|s| *s).await;
-                Ok::<(), std::io::Error>(())
-            }));
-        let running = running.instrument(span.clone());
+        let mut lanes = vec![lane(
+            &pool,
+            &settings,
+            &processor,
+            &name,
+            &name,
+            settings.concurrency,
+            i16::MIN,
+            &shutdown,
+        )];
+        if settings.express.batches > 0 {
+            lanes.push(lane(
+                &pool,
+                &settings,
+                &processor,
+                &name,
+                &format!("{name}-express"),
+                settings.express.batches,
+                settings.express.min_priority,
+                &shutdown,
+            ));
+        }
+        let running = futures::future::try_join_all(lanes)
+            .map_ok(|_| ())
+            .instrument(span.clone());
 
         let beat = tokio::spawn(
             maintenance::heartbeat(pool.clone(), name.clone(), settings.heartbeat)

@@ -72,7 +72,7 @@ impl Processor {
     /// Claim one batch of up to `fetch_batch` due jobs and process it: the worker's step,
     /// without apalis around it.
     pub async fn run_once(&self, fetch_batch: usize) -> Result<Step, sqlx::Error> {
-        match backend::claim_due(&self.pool, fetch_batch).await? {
+        match backend::claim_due(&self.pool, fetch_batch, i16::MIN).await? {
             None => Ok(Step::EmptyQueue),
             Some(batch) => self.process(batch).await.map(Step::Processed),
         }

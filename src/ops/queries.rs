@@ -106,7 +106,7 @@ pub struct HorizonHolder {
     pub age_secs: Option<f64>,
     /// Transactions since its snapshot's xmin (`age(xmin)`), shown to every role.
     pub xmin_age: i32,
-    /// `session`, `prepared transaction` or `replication slot`.
+    /// `session`, `standby feedback`, `prepared transaction` or `replication slot`.
     pub kind: String,
     pub user_name: Option<String>,
     pub application_name: Option<String>,
@@ -115,19 +115,27 @@ pub struct HorizonHolder {
     pub query: Option<String>,
 }
 
-/// The oldest holder of the xmin horizon: a session of this database (another role's
-/// session is visible with `pg_read_all_stats`, which `notifyd grants` gives the worker
-/// role), a prepared transaction, or a replication slot. `None` when nothing holds it.
+/// The oldest holder of the xmin horizon: a session of this database with a snapshot or
+/// an open transaction id (a READ COMMITTED transaction that wrote and then waits has no
+/// snapshot but still holds back vacuum), a walsender whose standby reports its horizon
+/// (`hot_standby_feedback`), a prepared transaction, or a replication slot. Another role's
+/// session shows its pid and transaction ages to every role, its start time and statement
+/// only with `pg_read_all_stats` (which operators may grant the worker role; `notifyd
+/// grants` does not, since granting it needs a superuser). `None` when nothing holds it.
 pub async fn horizon_holder(pool: &PgPool) -> Result<Option<HorizonHolder>, sqlx::Error> {
     db::fetch_optional(
         pool,
         sqlx::query_as(
             "SELECT pid, age_secs, xmin_age, kind, user_name, application_name, state, query FROM (
                  SELECT a.pid, extract(epoch FROM now() - a.xact_start)::float8 AS age_secs,
-                        'session' AS kind, a.usename::text AS user_name, a.application_name::text,
-                        a.state::text, left(a.query, 200) AS query, age(a.backend_xmin) AS xmin_age
+                        CASE WHEN a.backend_type = 'walsender' THEN 'standby feedback'
+                             ELSE 'session' END AS kind,
+                        a.usename::text AS user_name, a.application_name::text,
+                        a.state::text, left(a.query, 200) AS query,
+                        greatest(age(a.backend_xmin), age(a.backend_xid)) AS xmin_age
                  FROM pg_stat_activity AS a
-                 WHERE a.datname = current_database() AND a.backend_xmin IS NOT NULL
+                 WHERE (a.datname = current_database() OR a.backend_type = 'walsender')
+                   AND (a.backend_xmin IS NOT NULL OR a.backend_xid IS NOT NULL)
                    AND a.pid <> pg_backend_pid()
                  UNION ALL
                  SELECT 0, extract(epoch FROM now() - p.prepared)::float8, 'prepared transaction',

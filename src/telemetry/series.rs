@@ -127,7 +127,7 @@ fn describe() {
     );
     describe_histogram!(
         CLAIM_WAIT,
-        "Seconds from a job's enqueue (or run_at, if later) to a worker starting it"
+        "Seconds from a job becoming due (its run_at: the enqueue, or the end of a retry backoff) to a worker starting it"
     );
     describe_histogram!(STORE_SECONDS, "Seconds of the store step per claimed batch");
     describe_histogram!(BATCH_JOBS, "Jobs per claimed batch");
