@@ -131,6 +131,9 @@ pub struct Decision {
     pub user_id: String,
     pub verdict: Verdict,
     pub notification_id: Option<i64>,
+    /// The event's type is critical (`notify.event_types.critical`): counted apart from
+    /// the user's total, bounded by its own cap.
+    pub critical: bool,
 }
 
 /// Load the events named by a batch of jobs. Missing ids are simply absent. `outcome` is
@@ -186,7 +189,7 @@ pub async fn apply_in(
 /// false` locks an existing row without writing a new version of it, and waits for a
 /// concurrent transaction that is inserting the same user, so every user ends up either
 /// inserted or locked by this transaction, in key order.
-async fn lock_users<'a>(
+pub(crate) async fn lock_users<'a>(
     tx: &mut PgConnection,
     users: impl Iterator<Item = &'a str>,
 ) -> Result<(), sqlx::Error> {
@@ -214,43 +217,85 @@ WITH input AS (
 clock AS (
     SELECT COALESCE($7::timestamptz, statement_timestamp()) AS now
 ),
+types AS (
+    -- The settings of the batch's types (a few rows, read once per statement).
+    SELECT t.name, t.critical, t.max_per_window
+    FROM notify.event_types AS t
+    WHERE t.name = ANY(ARRAY(SELECT DISTINCT i.event_type FROM input AS i))
+),
 decided AS (
     -- An event already decided is left out by the join (a suppressed one: its row has an
     -- outcome) or marked `duplicate` (a stored one: its record is its notification, and
     -- its events row keeps no outcome). The check is a scalar subquery, one index probe
     -- per event: as NOT EXISTS the planner may hash every notification, and as a filter
     -- its estimate (a few rows) makes the planner join the rest with nested loops.
+    -- A critical type ignores the user's switch (a row left from before it was critical).
     SELECT i.*,
+           COALESCE(ty.critical, false) AS critical,
+           ty.max_per_window AS type_cap,
            CASE
                WHEN (SELECT n.event_id FROM notify.notifications AS n
                      WHERE n.event_id = i.event_id) IS NOT NULL THEN 'duplicate'
                WHEN i.invalid_reason IS NOT NULL THEN 'invalid'
-               WHEN pref.enabled IS FALSE THEN 'opted_out'
+               WHEN pref.enabled IS FALSE AND ty.critical IS NOT TRUE THEN 'opted_out'
            END AS early_outcome
     FROM input AS i
     JOIN notify.events AS e ON e.id = i.event_id AND e.outcome IS NULL
     LEFT JOIN notify.preferences AS pref
            ON pref.user_id = i.user_id AND pref.event_type = i.event_type
+    LEFT JOIN types AS ty ON ty.name = i.event_type
+),
+type_rate AS (
+    -- Per user and capped type of the batch: that type's deliveries inside the window
+    -- (empty when no type of the batch has a cap).
+    SELECT u.user_id, u.event_type,
+           COALESCE((SELECT sum(x.c)
+                     FROM unnest(w.type_stamps, w.type_names, w.type_counts) AS x(s, n, c), clock
+                     WHERE x.n = u.event_type AND x.s > clock.now - $9::interval), 0) AS recent
+    FROM (SELECT DISTINCT user_id, event_type FROM decided
+          WHERE early_outcome IS NULL AND type_cap IS NOT NULL) AS u
+    LEFT JOIN notify.rate_windows AS w ON w.user_id = u.user_id
+),
+typed AS (
+    -- The per-type cap first, in event-id order per user and type: an event it holds
+    -- back does not use the user's total.
+    SELECT d.*,
+           CASE
+               WHEN d.early_outcome IS NOT NULL THEN d.early_outcome
+               WHEN d.type_cap IS NOT NULL
+                    AND row_number() OVER (PARTITION BY d.user_id, d.event_type,
+                                                        d.early_outcome IS NULL
+                                           ORDER BY d.event_id) + tr.recent > d.type_cap
+                   THEN 'rate_limited'
+           END AS type_outcome
+    FROM decided AS d
+    LEFT JOIN type_rate AS tr ON tr.user_id = d.user_id AND tr.event_type = d.event_type
 ),
 ranked AS (
-    SELECT d.*,
-           row_number() OVER (PARTITION BY d.user_id, d.early_outcome IS NULL
-                              ORDER BY d.event_id) AS rank
-    FROM decided AS d
+    SELECT t.*,
+           row_number() OVER (PARTITION BY t.user_id, t.type_outcome IS NULL AND NOT t.critical
+                              ORDER BY t.event_id) AS rank
+    FROM typed AS t
 ),
 rate AS (
-    -- Per user: notifications stamped inside the window, from the user's rate_windows row.
+    -- Per user: non-critical notifications stamped inside the window, from the user's
+    -- rate_windows row, plus one for a digest waiting to be sent (the sweep sends it
+    -- into that room, so a steady stream cannot starve it).
     SELECT u.user_id,
            COALESCE((SELECT sum(c)
                      FROM unnest(w.stamps, w.counts) AS x(s, c), clock
-                     WHERE x.s > clock.now - $9::interval), 0) AS recent
-    FROM (SELECT DISTINCT user_id FROM decided WHERE early_outcome IS NULL) AS u
+                     WHERE x.s > clock.now - $9::interval), 0)
+           + CASE WHEN (SELECT p.user_id FROM notify.digest_pending AS p
+                        WHERE p.user_id = u.user_id LIMIT 1) IS NOT NULL THEN 1 ELSE 0 END
+             AS recent
+    FROM (SELECT DISTINCT user_id FROM typed WHERE type_outcome IS NULL AND NOT critical) AS u
     LEFT JOIN notify.rate_windows AS w ON w.user_id = u.user_id
 ),
 judged AS (
-    SELECT r.event_id, r.user_id, r.event_type, r.body, r.link, r.invalid_reason,
+    SELECT r.event_id, r.user_id, r.event_type, r.body, r.link, r.invalid_reason, r.critical,
            CASE
-               WHEN r.early_outcome IS NOT NULL THEN r.early_outcome
+               WHEN r.type_outcome IS NOT NULL THEN r.type_outcome
+               WHEN r.critical THEN 'stored'
                WHEN r.rank + rate.recent <= $8 THEN 'stored'
                ELSE 'rate_limited'
            END AS outcome
@@ -264,25 +309,86 @@ inserted AS (
     WHERE j.outcome = 'stored'
     ORDER BY j.user_id, j.event_id
     ON CONFLICT (event_id) DO NOTHING
-    RETURNING event_id, id, user_id
+    RETURNING event_id, id, user_id, event_type
+),
+delivered AS (
+    -- Per user: this transaction's deliveries per type, and the non-critical total.
+    SELECT d.user_id,
+           COALESCE(sum(d.n) FILTER (WHERE NOT d.critical), 0)::integer AS total,
+           array_agg(d.event_type ORDER BY d.event_type) AS names,
+           array_agg(d.n ORDER BY d.event_type) AS counts
+    FROM (SELECT i.user_id, i.event_type, COALESCE(ty.critical, false) AS critical,
+                 count(*)::integer AS n
+          FROM inserted AS i
+          LEFT JOIN types AS ty ON ty.name = i.event_type
+          GROUP BY i.user_id, i.event_type, ty.critical) AS d
+    GROUP BY d.user_id
 ),
 windowed AS (
     -- Put this transaction's stamp first (newest first); keep the older entries of the
     -- last 7 days (the longest window the worker accepts: a window made longer later still
     -- finds them), and no more than `limit` entries in all: each entry stands for at least
     -- one notification, so entries after the newest `limit` cannot change a decision.
-    INSERT INTO notify.rate_windows AS w (user_id, stamps, counts)
-    SELECT i.user_id, ARRAY[clock.now], ARRAY[count(*)::integer]
-    FROM inserted AS i, clock
-    GROUP BY i.user_id, clock.now
+    -- Per-type entries likewise, per type no more than the largest of `limit` and every
+    -- type's cap (a cap set later finds the type's recent deliveries).
+    INSERT INTO notify.rate_windows AS w
+           (user_id, stamps, counts, type_stamps, type_names, type_counts)
+    SELECT p.user_id,
+           CASE WHEN p.total > 0 THEN ARRAY[clock.now] ELSE '{}'::timestamptz[] END,
+           CASE WHEN p.total > 0 THEN ARRAY[p.total] ELSE '{}'::integer[] END,
+           array_fill(clock.now, ARRAY[cardinality(p.names)]), p.names, p.counts
+    FROM delivered AS p, clock
     ON CONFLICT (user_id) DO UPDATE
     SET stamps = (EXCLUDED.stamps
                   || ARRAY(SELECT x.s FROM unnest(w.stamps, w.counts) AS x(s, c)
-                           WHERE x.s > EXCLUDED.stamps[1] - interval '7 days'))[1:$8::integer],
+                           WHERE x.s > EXCLUDED.type_stamps[1] - interval '7 days'))[1:$8::integer],
         counts = (EXCLUDED.counts
                   || ARRAY(SELECT x.c FROM unnest(w.stamps, w.counts) AS x(s, c)
-                           WHERE x.s > EXCLUDED.stamps[1] - interval '7 days'))[1:$8::integer]
+                           WHERE x.s > EXCLUDED.type_stamps[1] - interval '7 days'))[1:$8::integer],
+        type_stamps = EXCLUDED.type_stamps
+                      || ARRAY(SELECT k.s FROM (
+                             SELECT x.*, row_number() OVER (PARTITION BY x.n ORDER BY x.o) AS r
+                             FROM unnest(w.type_stamps, w.type_names, w.type_counts)
+                                  WITH ORDINALITY AS x(s, n, c, o)) AS k
+                           WHERE k.s > EXCLUDED.type_stamps[1] - interval '7 days'
+                             AND k.r + (k.n = ANY(EXCLUDED.type_names))::integer
+                                 <= GREATEST($8::integer, (SELECT max(t.max_per_window)
+                                                           FROM notify.event_types AS t))
+                           ORDER BY k.o),
+        type_names = EXCLUDED.type_names
+                      || ARRAY(SELECT k.n FROM (
+                             SELECT x.*, row_number() OVER (PARTITION BY x.n ORDER BY x.o) AS r
+                             FROM unnest(w.type_stamps, w.type_names, w.type_counts)
+                                  WITH ORDINALITY AS x(s, n, c, o)) AS k
+                           WHERE k.s > EXCLUDED.type_stamps[1] - interval '7 days'
+                             AND k.r + (k.n = ANY(EXCLUDED.type_names))::integer
+                                 <= GREATEST($8::integer, (SELECT max(t.max_per_window)
+                                                           FROM notify.event_types AS t))
+                           ORDER BY k.o),
+        type_counts = EXCLUDED.type_counts
+                      || ARRAY(SELECT k.c FROM (
+                             SELECT x.*, row_number() OVER (PARTITION BY x.n ORDER BY x.o) AS r
+                             FROM unnest(w.type_stamps, w.type_names, w.type_counts)
+                                  WITH ORDINALITY AS x(s, n, c, o)) AS k
+                           WHERE k.s > EXCLUDED.type_stamps[1] - interval '7 days'
+                             AND k.r + (k.n = ANY(EXCLUDED.type_names))::integer
+                                 <= GREATEST($8::integer, (SELECT max(t.max_per_window)
+                                                           FROM notify.event_types AS t))
+                           ORDER BY k.o)
     RETURNING 1
+),
+suppressed AS (
+    -- Count what the limit held back for the user's next digest, in this transaction:
+    -- exactly once per event (a second run of a job finds it decided above).
+    INSERT INTO notify.digest_pending AS p (user_id, event_type, suppressed, first_at, last_at)
+    SELECT j.user_id, j.event_type, count(*)::integer, clock.now, clock.now
+    FROM judged AS j, clock
+    WHERE j.outcome = 'rate_limited'
+    GROUP BY j.user_id, j.event_type, clock.now
+    ORDER BY j.user_id, j.event_type
+    ON CONFLICT (user_id, event_type) DO UPDATE
+    SET suppressed = p.suppressed + EXCLUDED.suppressed,
+        last_at = GREATEST(p.last_at, EXCLUDED.last_at)
 ),
 finished AS (
     DELETE FROM apalis.jobs WHERE id = ANY($10::text[])
@@ -305,16 +411,23 @@ recorded AS (
     FROM judged AS j, clock
     WHERE e.id = j.event_id AND j.outcome NOT IN ('stored', 'duplicate')
 )
-SELECT event_id, user_id, outcome, NULL::bigint AS notification_id FROM judged
+SELECT event_id, user_id, outcome, NULL::bigint AS notification_id, critical FROM judged
 WHERE outcome <> 'duplicate'
 UNION ALL
-SELECT event_id, NULL, NULL, id FROM inserted
+SELECT event_id, NULL, NULL, id, NULL FROM inserted
 UNION ALL
-SELECT -1, NULL, NULL, count(*) FROM announced  -- makes the announcement run; ignored
+SELECT -1, NULL, NULL, count(*), NULL FROM announced  -- makes the announcement run; ignored
 "#;
 
-/// `(event_id, user_id, outcome, notification_id)`: see [`DECIDE_AND_STORE`]'s final SELECT.
-type StoreRow = (i64, Option<String>, Option<String>, Option<i64>);
+/// `(event_id, user_id, outcome, notification_id, critical)`: see [`DECIDE_AND_STORE`]'s
+/// final SELECT.
+type StoreRow = (
+    i64,
+    Option<String>,
+    Option<String>,
+    Option<i64>,
+    Option<bool>,
+);
 
 async fn decide_and_store(
     tx: &mut PgConnection,
@@ -371,7 +484,7 @@ async fn decide_and_store(
     // planner cannot estimate `unnest` and would join the two with nested loops.
     let mut ids_by_event = std::collections::HashMap::new();
     let mut decisions = Vec::with_capacity(rows.len());
-    for (event_id, user_id, outcome, notification_id) in rows {
+    for (event_id, user_id, outcome, notification_id, critical) in rows {
         match (user_id, outcome, notification_id) {
             (_, _, Some(id)) => {
                 ids_by_event.insert(event_id, id);
@@ -381,6 +494,7 @@ async fn decide_and_store(
                 user_id,
                 verdict: Verdict::parse(&outcome)?,
                 notification_id: None,
+                critical: critical.unwrap_or(false),
             }),
             _ => {}
         }
