@@ -38,7 +38,7 @@ ALTER TABLE notify.event_types
                AND digest_label ~ '^[[:alnum:]][[:alnum:] ,.()''-]*$'),
     -- A critical type is counted apart from the total, so it must have a bound of its own.
     ADD CONSTRAINT event_types_critical_needs_cap
-        CHECK (NOT critical OR max_per_window >= 1),
+        CHECK (NOT critical OR COALESCE(max_per_window, 0) >= 1),
     -- The worker writes `digest` notifications; they are one against the user's total.
     ADD CONSTRAINT event_types_digest_fixed
         CHECK (name <> 'digest' OR (NOT critical AND max_per_window IS NULL));
