@@ -807,3 +807,68 @@ async fn bad_values_fail_with_named_constraints() {
         "{out:?}"
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// Operators: `notifyd status` and /metrics
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn status_and_metrics_show_held_back_events_digests_and_critical_deliveries() {
+    notifyd::telemetry::series::install();
+    let db = TestDb::new().await;
+    let mut p = db.pipeline();
+    p.rate = hourly(1);
+    let mut ids = enqueue_n(&db, "ops", "new_message", 3).await;
+    ids.extend(enqueue_n(&db, "ops", "status_change", 1).await);
+    ids.extend(enqueue_n(&db, "ops", "security_alert", 1).await);
+    let out = process(&p, &ids).await;
+    assert_eq!(count(&out, "rate_limited"), 3, "{out:?}");
+
+    let s = notifyd::ops::queries::digest_stats(&db.pool).await.unwrap();
+    assert_eq!(s.suppressed_last_hour["new_message"], 2);
+    assert_eq!(s.suppressed_last_hour["status_change"], 1);
+    assert_eq!((s.pending_users, s.pending_events), (1, 3));
+    assert_eq!(s.critical_last_hour["security_alert"], 1);
+    assert_eq!(s.digests_last_hour, 0);
+
+    // The window has passed for the sweep: the digest goes out.
+    digest::run_once(&db.pool, hourly(1), Some(Utc::now() + minutes(61)))
+        .await
+        .unwrap();
+    let status = notifyd::ops::queries::status(&db.pool, Duration::from_secs(20))
+        .await
+        .unwrap();
+    assert_eq!(status.digests.digests_last_hour, 1);
+    assert_eq!(status.digests.pending_events, 0);
+    let text = notifyd::ops::render_status(&status);
+    println!("FIGURES `notifyd status`:\n{text}");
+    for want in [
+        "held back",
+        "new_message",
+        "digests sent",
+        "critical delivered",
+        "security_alert",
+        "waiting for room: 0 digests",
+    ] {
+        assert!(text.contains(want), "{want:?} missing from:\n{text}");
+    }
+    assert!(
+        text.lines()
+            .any(|l| l.contains("digests sent") && l.trim_end().ends_with(" 1")),
+        "{text}"
+    );
+
+    let metrics = notifyd::telemetry::series::render();
+    for want in [
+        "notifyd_suppressed_total{event_type=\"new_message\"}",
+        "notifyd_suppressed_total{event_type=\"status_change\"}",
+        "notifyd_critical_deliveries_total",
+        "notifyd_digests_sent_total",
+        "notifyd_digest_events_total",
+    ] {
+        assert!(
+            metrics.contains(want),
+            "{want} missing from /metrics:\n{metrics}"
+        );
+    }
+}
