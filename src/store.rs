@@ -14,14 +14,26 @@
 //!      event has an outcome on its row, a stored one has a notification;
 //!    * **preferences**: an event whose `(user_id, event_type)` switch is off is `opted_out`
 //!      (a missing row means on);
-//!    * **rate limit**: per user, count the deliveries stamped within the window (from the
-//!      user's `notify.rate_windows` row: one entry per earlier store transaction, with its
-//!      stamp and count) and admit events in event-id order while the count stays at or
-//!      below `limit`; the rest are `rate_limited`;
+//!    * **per-type cap**: for a type with `notify.event_types.max_per_window`, count that
+//!      type's deliveries within the window (the row's per-type entries) and admit its
+//!      events in event-id order while they stay at or below the cap; the rest are
+//!      `rate_limited`, and they do not use the user's total;
+//!    * **rate limit**: per user, count the non-critical deliveries stamped within the
+//!      window (from the user's `notify.rate_windows` row: one entry per earlier store
+//!      transaction, with its stamp and count), plus one while a digest is pending (its
+//!      slot: the digest sweep, [`crate::digest`], fills it, so new events cannot starve
+//!      it), and admit events in event-id order while the count stays at or below `limit`;
+//!      the rest are `rate_limited`. Events of a **critical** type skip this step and the
+//!      preference: their own cap is their only bound (a backend loop stays bounded, a
+//!      flood of chat cannot keep them out);
+//!    * **digest counts**: add every `rate_limited` event of the batch to the user's
+//!      `notify.digest_pending` row for its type (decided once, so counted once);
 //!    * **store**: insert the admitted notifications (`ON CONFLICT (event_id) DO NOTHING`),
 //!      and add their stamp to the user's `rate_windows` row (trimmed to the entries that
 //!      can still matter: the last 7 days, the longest window accepted, and no more than the
-//!      newest `limit`). Exact across restarts with a longer window or a higher limit; after
+//!      newest `limit`), with one per-type entry per type delivered (kept for every type,
+//!      up to the larger of `limit` and the largest cap, so that a cap set later counts the
+//!      deliveries already in its window). Exact across restarts with a longer window or a higher limit; after
 //!      a limit was lowered and raised again within one window, the entries the lower limit
 //!      trimmed are not counted;
 //!    * write the outcome of every event that was not stored on its `notify.events` row.
@@ -34,7 +46,9 @@
 //!
 //! Invariants this gives, even with many replicas racing and jobs running twice:
 //! * one notification per event (unique `event_id`, and the decided check under the lock);
-//! * in any window of `window` length, a user has at most `limit` notifications. The
+//! * in any window of `window` length, a user has at most `limit` non-critical
+//!   notifications (digests included), at most `max_per_window` of a capped type, and at
+//!   most its cap of each critical type (counted apart from `limit`). The
 //!   stamp is `statement_timestamp()` of the statement that runs after the user's lock is
 //!   held, so per user, stamps grow in lock order, and each insert counts everything stamped
 //!   after its own stamp minus the window. The count comes from `rate_windows`, which is
@@ -42,7 +56,14 @@
 //!   (one row per user instead of a read of the user's newest `limit` notifications per
 //!   event: the drain ran 1.5x faster with it, see BENCHMARKS.md);
 //! * per user, notification ids grow in commit order (ids are drawn under the lock), so a
-//!   reader paging with `id > cursor` never skips a row.
+//!   reader paging with `id > cursor` never skips a row;
+//! * every `rate_limited` event is counted once in `notify.digest_pending`, in the
+//!   transaction that decides it.
+//!
+//! Changing the settings moves the bounds at the edges only, documented in migration
+//! `20261207000100`: a type made critical keeps its earlier deliveries in the total until
+//! they leave the window; a type made non-critical adds up to its cap to the total in the
+//! window of the change.
 
 use std::time::Duration;
 
