@@ -98,15 +98,21 @@ ALTER TABLE notify.rate_windows
                AND cardinality(type_names) = cardinality(type_counts));
 
 -- Suppressed events waiting for the user's next digest, per user and type. Only the worker
--- writes it, under the user's lock (the user's notify.rate_windows row).
+-- writes it, under the user's lock (the user's notify.rate_windows row). `due_at`: the
+-- earliest time the user's window can have room (now, when the store writes the row; the
+-- sweep moves it to when the oldest stamp in the window leaves it, when it finds no room),
+-- so a sweep looks only at users that may be ready, through `digest_pending_due`.
 CREATE TABLE notify.digest_pending (
     user_id    text NOT NULL,
     event_type text NOT NULL,
     suppressed integer NOT NULL CONSTRAINT digest_pending_suppressed_positive CHECK (suppressed > 0),
     first_at   timestamptz NOT NULL,
     last_at    timestamptz NOT NULL,
+    due_at     timestamptz NOT NULL,
     PRIMARY KEY (user_id, event_type)
 );
+
+CREATE INDEX digest_pending_due ON notify.digest_pending (due_at);
 
 -- A digest notification: `event_id` NULL, `digest` its structured counts
 -- ({"total": 12, "counts": {"new_message": 9, "status_change": 3}, "first_at": ..., "last_at": ...}).

@@ -5,7 +5,9 @@
 //! total or by its type's cap) in `notify.digest_pending`, per user and type, in the
 //! transaction that decides it; while a user has a pending digest, the store keeps one
 //! slot of the total free for it, so a steady stream of new events cannot starve it. A
-//! sweep ([`run_once`]) then, per chunk of users with pending counts, in one transaction:
+//! sweep ([`run_once`]) then, per chunk of users whose window may have room (`due_at`: the
+//! store writes now, a sweep that finds no room writes when the oldest delivery in the
+//! window leaves it, so a user at the limit costs no sweep until then), in one transaction:
 //! 1. takes the users' locks exactly as the store does ([`crate::store::lock_users`]:
 //!    their `notify.rate_windows` rows, in ascending byte order), so it never races a
 //!    store batch for the same user and cannot deadlock with one;
@@ -41,6 +43,10 @@ pub const DIGEST_TYPE: &str = "digest";
 
 /// Users per sweep transaction.
 const CHUNK: i64 = 500;
+
+/// Most transactions of one sweep: each takes its users out of the due set (sent, or
+/// `due_at` moved past now), so this only bounds a pathological run.
+const MAX_CHUNKS: usize = 1000;
 
 /// What one sweep did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -126,42 +132,57 @@ pub async fn run_once(
     now: Option<DateTime<Utc>>,
 ) -> Result<Report, sqlx::Error> {
     let mut report = Report::default();
-    let mut after = String::new();
-    loop {
+    for _ in 0..MAX_CHUNKS {
+        // Users that may have room: `due_at` (index `digest_pending_due`) is the earliest
+        // time their window can have room, so a user at the limit costs nothing until then.
         let users: Vec<String> = sqlx::query_scalar(
             "SELECT DISTINCT user_id FROM notify.digest_pending
-             WHERE user_id > $1 ORDER BY user_id LIMIT $2",
+             WHERE due_at <= COALESCE($1::timestamptz, statement_timestamp())
+             ORDER BY user_id LIMIT $2",
         )
-        .bind(&after)
+        .bind(now)
         .bind(CHUNK)
         .fetch_all(pool)
         .await?;
-        let Some(last) = users.last() else {
-            return Ok(report);
-        };
-        after = last.clone();
+        if users.is_empty() {
+            break;
+        }
         let chunk = sweep_users(pool, &users, rate, now).await?;
         report.users += users.len() as u64;
         report.digests += chunk.digests;
         report.events += chunk.events;
         if (users.len() as i64) < CHUNK {
-            return Ok(report);
+            break;
         }
     }
+    Ok(report)
 }
 
 const TAKE: &str = r#"
 WITH clock AS (
     SELECT COALESCE($4::timestamptz, statement_timestamp()) AS now
 ),
-room AS (
-    -- Users whose window has room for one more non-critical notification.
-    SELECT u.user_id
+windows AS (
+    -- Per user: the non-critical deliveries in the window, and when the oldest of them
+    -- leaves it.
+    SELECT u.user_id, x.recent, x.oldest
     FROM unnest($1::text[]) AS u(user_id)
     LEFT JOIN notify.rate_windows AS w ON w.user_id = u.user_id
-    WHERE COALESCE((SELECT sum(x.c)
-                    FROM unnest(w.stamps, w.counts) AS x(s, c), clock
-                    WHERE x.s > clock.now - $3::interval), 0) + 1 <= $2
+    CROSS JOIN LATERAL (
+        SELECT COALESCE(sum(x.c), 0) AS recent, min(x.s) AS oldest
+        FROM unnest(w.stamps, w.counts) AS x(s, c), clock
+        WHERE x.s > clock.now - $3::interval) AS x
+),
+room AS (
+    -- Users whose window has room for one more non-critical notification.
+    SELECT user_id FROM windows WHERE recent + 1 <= $2
+),
+waiting AS (
+    -- The others: not before their oldest delivery has left the window.
+    UPDATE notify.digest_pending AS p
+    SET due_at = COALESCE(w.oldest + $3::interval, clock.now + $3::interval)
+    FROM windows AS w, clock
+    WHERE p.user_id = w.user_id AND w.recent + 1 > $2
 ),
 taken AS (
     DELETE FROM notify.digest_pending AS p

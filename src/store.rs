@@ -401,8 +401,9 @@ windowed AS (
 suppressed AS (
     -- Count what the limit held back for the user's next digest, in this transaction:
     -- exactly once per event (a second run of a job finds it decided above).
-    INSERT INTO notify.digest_pending AS p (user_id, event_type, suppressed, first_at, last_at)
-    SELECT j.user_id, j.event_type, count(*)::integer, clock.now, clock.now
+    INSERT INTO notify.digest_pending AS p
+           (user_id, event_type, suppressed, first_at, last_at, due_at)
+    SELECT j.user_id, j.event_type, count(*)::integer, clock.now, clock.now, clock.now
     FROM judged AS j, clock
     WHERE j.outcome = 'rate_limited'
     GROUP BY j.user_id, j.event_type, clock.now

@@ -161,6 +161,9 @@ async fn the_suppressed_run_becomes_one_digest_once_the_window_has_room() {
     let r = sweep(&db, 5, t0() + minutes(59)).await;
     assert_eq!((r.users, r.digests), (1, 0));
     assert!(digests(&db.pool, "42").await.is_empty());
+    // Looked at once: the next sweeps skip the user until the oldest delivery leaves the
+    // window (t0 + 60 min).
+    assert_eq!(sweep(&db, 5, t0() + minutes(59)).await.users, 0);
 
     // The first five have left the window: exactly one digest, and no event arrived.
     let r = sweep(&db, 5, t0() + minutes(61)).await;
@@ -397,6 +400,26 @@ async fn the_critical_cap_still_bounds_a_loop() {
     assert_eq!(
         pending(&db.pool, "42").await,
         [("security_alert".into(), 30)]
+    );
+}
+
+/// Retention keeps a rate row that holds only critical deliveries (no stamp in the total):
+/// deleting it would reset the critical cap.
+#[tokio::test]
+async fn cleanup_keeps_the_stamps_of_critical_deliveries() {
+    let db = TestDb::new().await;
+    let mut p = db.pipeline();
+    p.rate = hourly(100);
+    let alerts = enqueue_n(&db, "42", "security_alert", 20).await;
+    assert_eq!(count(&process(&p, &alerts).await, "stored"), 20);
+    notifyd::cleanup::run_once(&db.pool, notifyd::cleanup::Retention::default())
+        .await
+        .unwrap();
+    let one_more = enqueue_n(&db, "42", "security_alert", 1).await;
+    assert_eq!(
+        count(&process(&p, &one_more).await, "rate_limited"),
+        1,
+        "the cap still counts the 20"
     );
 }
 
