@@ -238,90 +238,87 @@ WITH input AS (
 clock AS (
     SELECT COALESCE($7::timestamptz, statement_timestamp()) AS now
 ),
-types AS (
-    -- The settings of the batch's types (a few rows, read once per statement).
-    SELECT t.name, t.critical, t.max_per_window
-    FROM notify.event_types AS t
-    WHERE t.name = ANY(ARRAY(SELECT DISTINCT i.event_type FROM input AS i))
-),
-decided AS (
+decided AS MATERIALIZED (
+    -- Materialized, so that each lookup below runs once per event: inlined, the CTEs
+    -- after it would repeat every expression that names `early_outcome` or `critical`.
     -- An event already decided is left out by the join (a suppressed one: its row has an
     -- outcome) or marked `duplicate` (a stored one: its record is its notification, and
     -- its events row keeps no outcome). The check is a scalar subquery, one index probe
     -- per event: as NOT EXISTS the planner may hash every notification, and as a filter
     -- its estimate (a few rows) makes the planner join the rest with nested loops.
-    -- A critical type ignores the user's switch (a row left from before it was critical).
+    -- The type's settings are scalar subqueries as well (one index probe each on a table
+    -- of a few rows), so they add no join whose plan depends on statistics. A critical
+    -- type ignores the user's switch (a row left from before it was critical).
     SELECT i.*,
-           COALESCE(ty.critical, false) AS critical,
-           ty.max_per_window AS type_cap,
+           COALESCE((SELECT t.critical FROM notify.event_types AS t
+                     WHERE t.name = i.event_type), false) AS critical,
+           (SELECT t.max_per_window FROM notify.event_types AS t
+            WHERE t.name = i.event_type) AS type_cap,
            CASE
                WHEN (SELECT n.event_id FROM notify.notifications AS n
                      WHERE n.event_id = i.event_id) IS NOT NULL THEN 'duplicate'
                WHEN i.invalid_reason IS NOT NULL THEN 'invalid'
-               WHEN pref.enabled IS FALSE AND ty.critical IS NOT TRUE THEN 'opted_out'
+               WHEN pref.enabled IS FALSE
+                    AND (SELECT t.critical FROM notify.event_types AS t
+                         WHERE t.name = i.event_type) IS NOT TRUE THEN 'opted_out'
            END AS early_outcome
     FROM input AS i
     JOIN notify.events AS e ON e.id = i.event_id AND e.outcome IS NULL
     LEFT JOIN notify.preferences AS pref
            ON pref.user_id = i.user_id AND pref.event_type = i.event_type
-    LEFT JOIN types AS ty ON ty.name = i.event_type
-),
-type_rate AS (
-    -- Per user and capped type of the batch: that type's deliveries inside the window
-    -- (empty when no type of the batch has a cap).
-    SELECT u.user_id, u.event_type,
-           COALESCE((SELECT sum(x.c)
-                     FROM unnest(w.type_stamps, w.type_names, w.type_counts) AS x(s, n, c), clock
-                     WHERE x.n = u.event_type AND x.s > clock.now - $9::interval), 0) AS recent
-    FROM (SELECT DISTINCT user_id, event_type FROM decided
-          WHERE early_outcome IS NULL AND type_cap IS NOT NULL) AS u
-    LEFT JOIN notify.rate_windows AS w ON w.user_id = u.user_id
 ),
 typed AS (
+    -- For an event of a capped type: that type's deliveries to the user inside the window,
+    -- from the per-type entries of the user's rate_windows row.
+    SELECT d.*,
+           CASE WHEN d.early_outcome IS NULL AND d.type_cap IS NOT NULL THEN
+               (SELECT COALESCE(sum(x.c), 0)
+                FROM notify.rate_windows AS w,
+                     unnest(w.type_stamps, w.type_names, w.type_counts) AS x(s, n, c), clock
+                WHERE w.user_id = d.user_id AND x.n = d.event_type
+                  AND x.s > clock.now - $9::interval)
+           END AS type_recent
+    FROM decided AS d
+),
+capped AS (
     -- The per-type cap first, in event-id order per user and type: an event it holds
     -- back does not use the user's total.
-    SELECT d.*,
+    SELECT t.*,
            CASE
-               WHEN d.early_outcome IS NOT NULL THEN d.early_outcome
-               WHEN d.type_cap IS NOT NULL
-                    AND row_number() OVER (PARTITION BY d.user_id, d.event_type,
-                                                        d.early_outcome IS NULL
-                                           ORDER BY d.event_id) + tr.recent > d.type_cap
+               WHEN t.early_outcome IS NOT NULL THEN t.early_outcome
+               WHEN t.type_cap IS NOT NULL
+                    AND row_number() OVER (PARTITION BY t.user_id, t.event_type,
+                                                        t.early_outcome IS NULL
+                                           ORDER BY t.event_id) + t.type_recent > t.type_cap
                    THEN 'rate_limited'
            END AS type_outcome
-    FROM decided AS d
-    LEFT JOIN type_rate AS tr ON tr.user_id = d.user_id AND tr.event_type = d.event_type
-),
-ranked AS (
-    SELECT t.*,
-           row_number() OVER (PARTITION BY t.user_id, t.type_outcome IS NULL AND NOT t.critical
-                              ORDER BY t.event_id) AS rank
     FROM typed AS t
 ),
-rate AS (
-    -- Per user: non-critical notifications stamped inside the window, from the user's
-    -- rate_windows row, plus one for a digest waiting to be sent (the sweep sends it
-    -- into that room, so a steady stream cannot starve it).
-    SELECT u.user_id,
-           COALESCE((SELECT sum(c)
-                     FROM unnest(w.stamps, w.counts) AS x(s, c), clock
-                     WHERE x.s > clock.now - $9::interval), 0)
-           + CASE WHEN (SELECT p.user_id FROM notify.digest_pending AS p
-                        WHERE p.user_id = u.user_id LIMIT 1) IS NOT NULL THEN 1 ELSE 0 END
-             AS recent
-    FROM (SELECT DISTINCT user_id FROM typed WHERE type_outcome IS NULL AND NOT critical) AS u
-    LEFT JOIN notify.rate_windows AS w ON w.user_id = u.user_id
+ranked AS (
+    -- Per user: the non-critical notifications stamped inside the window (from the user's
+    -- rate_windows row), plus one while a digest is pending: its place, which the digest
+    -- sweep fills, so that a steady stream of new events cannot starve it.
+    SELECT c.*,
+           row_number() OVER (PARTITION BY c.user_id, c.type_outcome IS NULL AND NOT c.critical
+                              ORDER BY c.event_id) AS rank,
+           CASE WHEN c.type_outcome IS NULL AND NOT c.critical THEN
+               (SELECT COALESCE(sum(x.c), 0)
+                FROM notify.rate_windows AS w, unnest(w.stamps, w.counts) AS x(s, c), clock
+                WHERE w.user_id = c.user_id AND x.s > clock.now - $9::interval)
+               + CASE WHEN (SELECT p.user_id FROM notify.digest_pending AS p
+                            WHERE p.user_id = c.user_id LIMIT 1) IS NOT NULL THEN 1 ELSE 0 END
+           END AS recent
+    FROM capped AS c
 ),
 judged AS (
     SELECT r.event_id, r.user_id, r.event_type, r.body, r.link, r.invalid_reason, r.critical,
            CASE
                WHEN r.type_outcome IS NOT NULL THEN r.type_outcome
                WHEN r.critical THEN 'stored'
-               WHEN r.rank + rate.recent <= $8 THEN 'stored'
+               WHEN r.rank + r.recent <= $8 THEN 'stored'
                ELSE 'rate_limited'
            END AS outcome
     FROM ranked AS r
-    LEFT JOIN rate ON rate.user_id = r.user_id
 ),
 inserted AS (
     INSERT INTO notify.notifications (user_id, event_id, event_type, body, link, created_at)
@@ -338,11 +335,12 @@ delivered AS (
            COALESCE(sum(d.n) FILTER (WHERE NOT d.critical), 0)::integer AS total,
            array_agg(d.event_type ORDER BY d.event_type) AS names,
            array_agg(d.n ORDER BY d.event_type) AS counts
-    FROM (SELECT i.user_id, i.event_type, COALESCE(ty.critical, false) AS critical,
+    FROM (SELECT i.user_id, i.event_type,
+                 COALESCE((SELECT t.critical FROM notify.event_types AS t
+                           WHERE t.name = i.event_type), false) AS critical,
                  count(*)::integer AS n
           FROM inserted AS i
-          LEFT JOIN types AS ty ON ty.name = i.event_type
-          GROUP BY i.user_id, i.event_type, ty.critical) AS d
+          GROUP BY i.user_id, i.event_type) AS d
     GROUP BY d.user_id
 ),
 windowed AS (
