@@ -162,41 +162,38 @@ const TAKE: &str = r#"
 WITH clock AS (
     SELECT COALESCE($4::timestamptz, statement_timestamp()) AS now
 ),
-windows AS (
+windows AS MATERIALIZED (
     -- Per user: the non-critical deliveries in the window, and when the oldest of them
-    -- leaves it.
+    -- leaves it (one index probe per user: an aggregate subquery is never turned into a
+    -- join).
     SELECT u.user_id, x.recent, x.oldest
     FROM unnest($1::text[]) AS u(user_id)
-    LEFT JOIN notify.rate_windows AS w ON w.user_id = u.user_id
     CROSS JOIN LATERAL (
         SELECT COALESCE(sum(x.c), 0) AS recent, min(x.s) AS oldest
-        FROM unnest(w.stamps, w.counts) AS x(s, c), clock
-        WHERE x.s > clock.now - $3::interval) AS x
-),
-room AS (
-    -- Users whose window has room for one more non-critical notification.
-    SELECT user_id FROM windows WHERE recent + 1 <= $2
+        FROM notify.rate_windows AS w, unnest(w.stamps, w.counts) AS x(s, c), clock
+        WHERE w.user_id = u.user_id AND x.s > clock.now - $3::interval) AS x
 ),
 waiting AS (
-    -- The others: not before their oldest delivery has left the window.
+    -- No room: not due before the oldest delivery in the window has left it.
     UPDATE notify.digest_pending AS p
-    SET due_at = COALESCE(w.oldest + $3::interval, clock.now + $3::interval)
-    FROM windows AS w, clock
-    WHERE p.user_id = w.user_id AND w.recent + 1 > $2
+    SET due_at = (SELECT COALESCE(w.oldest, clock.now) + $3::interval
+                  FROM windows AS w, clock WHERE w.user_id = p.user_id)
+    WHERE p.user_id = ANY(ARRAY(SELECT user_id FROM windows WHERE recent + 1 > $2))
 ),
 taken AS (
+    -- Room for one more non-critical notification: the digest.
     DELETE FROM notify.digest_pending AS p
-    WHERE p.user_id = ANY(ARRAY(SELECT user_id FROM room))
+    WHERE p.user_id = ANY(ARRAY(SELECT user_id FROM windows WHERE recent + 1 <= $2))
     RETURNING p.user_id, p.event_type, p.suppressed, p.first_at, p.last_at
 )
 SELECT t.user_id, t.event_type, t.suppressed::bigint, t.first_at, t.last_at,
-       pref.enabled IS NOT FALSE OR COALESCE(ty.critical, false) AS wanted,
-       ty.digest_label, clock.now
-FROM taken AS t
-CROSS JOIN clock
-LEFT JOIN notify.preferences AS pref
-       ON pref.user_id = t.user_id AND pref.event_type = t.event_type
-LEFT JOIN notify.event_types AS ty ON ty.name = t.event_type
+       (SELECT pref.enabled FROM notify.preferences AS pref
+        WHERE pref.user_id = t.user_id AND pref.event_type = t.event_type) IS NOT FALSE
+       OR COALESCE((SELECT ty.critical FROM notify.event_types AS ty
+                    WHERE ty.name = t.event_type), false) AS wanted,
+       (SELECT ty.digest_label FROM notify.event_types AS ty WHERE ty.name = t.event_type),
+       clock.now
+FROM taken AS t, clock
 ORDER BY t.user_id, t.suppressed DESC, t.event_type
 "#;
 
