@@ -12,8 +12,10 @@
 //!    their `notify.rate_windows` rows, in ascending byte order), so it never races a
 //!    store batch for the same user and cannot deadlock with one;
 //! 2. for each user whose window has room for one more (the non-critical deliveries in
-//!    the window, from the same row the store reads, plus one, is at most the limit),
-//!    deletes the user's pending rows and stores one `digest` notification with a
+//!    the window, from the same row the store reads, plus one, is at most the limit) and
+//!    whose held back capped types have room again (so a type held back by its cap while
+//!    the total has room gets one digest for its run, not one per event), deletes the
+//!    user's pending rows and stores one `digest` notification with a
 //!    plain-text body ("12 more notifications while you were away: 9 new messages, 3
 //!    status changes") and the counts as `digest` jsonb; the digest counts one against the
 //!    limit (a stamp in the same row);
@@ -173,17 +175,42 @@ windows AS MATERIALIZED (
         FROM notify.rate_windows AS w, unnest(w.stamps, w.counts) AS x(s, c), clock
         WHERE w.user_id = u.user_id AND x.s > clock.now - $3::interval) AS x
 ),
+blocked AS MATERIALIZED (
+    -- Pending types whose own cap is still full: the run they belong to is not over (a
+    -- digest per held back event would spam the user while the total has room). A cap of
+    -- 0 never has room, so it never blocks.
+    SELECT p.user_id, x.oldest
+    FROM notify.digest_pending AS p
+    CROSS JOIN LATERAL (
+        SELECT COALESCE(sum(x.c), 0) AS recent, min(x.s) AS oldest
+        FROM notify.rate_windows AS w,
+             unnest(w.type_stamps, w.type_names, w.type_counts) AS x(s, n, c), clock
+        WHERE w.user_id = p.user_id AND x.n = p.event_type
+          AND x.s > clock.now - $3::interval) AS x
+    WHERE p.user_id = ANY($1::text[])
+      AND x.recent >= (SELECT t.max_per_window FROM notify.event_types AS t
+                       WHERE t.name = p.event_type AND t.max_per_window > 0)
+),
+verdict AS MATERIALIZED (
+    -- Ready: room for one more non-critical notification, and no held back type still at
+    -- its cap. Otherwise not due before every constraint that blocks can have cleared.
+    SELECT w.user_id,
+           w.recent + 1 <= $2
+           AND (SELECT count(*) FROM blocked AS b WHERE b.user_id = w.user_id) = 0 AS ready,
+           GREATEST(CASE WHEN w.recent + 1 > $2 THEN w.oldest END,
+                    (SELECT max(b.oldest) FROM blocked AS b WHERE b.user_id = w.user_id))
+           + $3::interval AS due
+    FROM windows AS w
+),
 waiting AS (
-    -- No room: not due before the oldest delivery in the window has left it.
     UPDATE notify.digest_pending AS p
-    SET due_at = (SELECT COALESCE(w.oldest, clock.now) + $3::interval
-                  FROM windows AS w, clock WHERE w.user_id = p.user_id)
-    WHERE p.user_id = ANY(ARRAY(SELECT user_id FROM windows WHERE recent + 1 > $2))
+    SET due_at = (SELECT COALESCE(v.due, clock.now + $3::interval)
+                  FROM verdict AS v, clock WHERE v.user_id = p.user_id)
+    WHERE p.user_id = ANY(ARRAY(SELECT user_id FROM verdict WHERE NOT ready))
 ),
 taken AS (
-    -- Room for one more non-critical notification: the digest.
     DELETE FROM notify.digest_pending AS p
-    WHERE p.user_id = ANY(ARRAY(SELECT user_id FROM windows WHERE recent + 1 <= $2))
+    WHERE p.user_id = ANY(ARRAY(SELECT user_id FROM verdict WHERE ready))
     RETURNING p.user_id, p.event_type, p.suppressed, p.first_at, p.last_at
 )
 SELECT t.user_id, t.event_type, t.suppressed::bigint, t.first_at, t.last_at,

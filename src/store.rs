@@ -15,9 +15,11 @@
 //!    * **preferences**: an event whose `(user_id, event_type)` switch is off is `opted_out`
 //!      (a missing row means on);
 //!    * **per-type cap**: for a type with `notify.event_types.max_per_window`, count that
-//!      type's deliveries within the window (the row's per-type entries) and admit its
-//!      events in event-id order while they stay at or below the cap; the rest are
-//!      `rate_limited`, and they do not use the user's total;
+//!      type's deliveries within the window (the row's per-type entries), plus one while a
+//!      pending digest holds back this type (the digest waits for the type's room; this
+//!      keeps the next event of the type from taking it), and admit its events in event-id
+//!      order while they stay at or below the cap; the rest are `rate_limited`, and they do
+//!      not use the user's total;
 //!    * **rate limit**: per user, count the non-critical deliveries stamped within the
 //!      window (from the user's `notify.rate_windows` row: one entry per earlier store
 //!      transaction, with its stamp and count), plus one while a digest is pending (its
@@ -269,7 +271,9 @@ decided AS MATERIALIZED (
 ),
 typed AS (
     -- For an event of a capped type: that type's deliveries to the user inside the window,
-    -- from the per-type entries of the user's rate_windows row.
+    -- from the per-type entries of the user's rate_windows row, plus one while a digest
+    -- holding back this type is pending (the digest waits for the type to have room, so
+    -- this keeps that room from being taken by the next event of the type).
     SELECT d.*,
            CASE WHEN d.early_outcome IS NULL AND d.type_cap IS NOT NULL THEN
                (SELECT COALESCE(sum(x.c), 0)
@@ -277,6 +281,9 @@ typed AS (
                      unnest(w.type_stamps, w.type_names, w.type_counts) AS x(s, n, c), clock
                 WHERE w.user_id = d.user_id AND x.n = d.event_type
                   AND x.s > clock.now - $9::interval)
+               + CASE WHEN (SELECT p.user_id FROM notify.digest_pending AS p
+                            WHERE p.user_id = d.user_id AND p.event_type = d.event_type)
+                           IS NOT NULL THEN 1 ELSE 0 END
            END AS type_recent
     FROM decided AS d
 ),
