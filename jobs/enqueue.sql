@@ -122,6 +122,20 @@ ON CONFLICT (name) DO NOTHING;
 INSERT INTO notify.events (user_id, event_type, body, link)
 VALUES ('44', 'weekly_digest', 'Your weekly summary is ready', '/digest/2026-47');
 
+-- Caps and critical types (jobs/README.md, "Event types: caps, critical types and
+-- digests"): one statement each. RETURNING name gives no row for a type that does not exist.
+
+-- name: set_type_cap
+-- At most 20 of this type per user per window, inside the user's total.
+UPDATE notify.event_types SET max_per_window = 20 WHERE name = 'weekly_digest' RETURNING name;
+
+-- name: add_critical_type
+-- A critical type: its own budget of 5 per user per window, apart from the total, and no
+-- preference can switch it off (preferences_type_always_on).
+INSERT INTO notify.event_types (name, description, critical, max_per_window, digest_label)
+VALUES ('payment_failed', 'A payment of the user failed', true, 5, 'failed payments')
+ON CONFLICT (name) DO NOTHING;
+
 -- ---------------------------------------------------------------------------------------
 -- Preferences: one switch per (user, event type). A missing row means enabled.
 -- ---------------------------------------------------------------------------------------

@@ -15,7 +15,9 @@
 //!   older than the retention window (7 days by default); an event that never got an
 //!   outcome is kept twice as long, for inspection;
 //! * `notify.rate_windows` rows with no stamp, or whose newest stamp is older than the
-//!   longest rate window the worker accepts (7 days): they can no longer change a decision;
+//!   longest rate window the worker accepts (7 days), in the total and in the per-type
+//!   entries (a row of critical deliveries only has none in the total): they can no longer
+//!   change a decision;
 //! * `apalis.workers` rows of workers silent for a day;
 //! * dead tuples: [`vacuum_if_needed`] vacuums the queue and event tables when autovacuum
 //!   has let dead tuples pile up (or is off), so they stay bounded either way.
@@ -132,7 +134,8 @@ pub async fn run_once(pool: &PgPool, retention: Retention) -> Result<Report, sql
                 "DELETE FROM notify.rate_windows
              WHERE user_id = ANY(ARRAY(
                  SELECT user_id FROM notify.rate_windows
-                 WHERE stamps[1] IS NULL OR stamps[1] < now() - interval '7 days'
+                 WHERE (stamps[1] IS NULL OR stamps[1] < now() - interval '7 days')
+                   AND (type_stamps[1] IS NULL OR type_stamps[1] < now() - interval '7 days')
                  LIMIT $1 FOR UPDATE SKIP LOCKED))",
             )
             .bind(batch),

@@ -130,6 +130,12 @@ pub struct WorkerArgs {
           value_parser = clap::value_parser!(u64).range(1..=604_800))]
     pub rate_window_secs: u64,
 
+    /// Seconds between the worker's digest sweeps: a user whose events the rate limit held
+    /// back gets their digest at most this long after their window has room again.
+    #[arg(long, env = "NOTIFYD_DIGEST_INTERVAL_SECS", default_value_t = 10,
+          value_parser = clap::value_parser!(u64).range(1..=60))]
+    pub digest_interval_secs: u64,
+
     #[command(flatten)]
     pub retention: RetentionArgs,
 

@@ -27,6 +27,7 @@ pub mod pipeline;
 pub mod validate;
 pub mod sanitize;
 pub mod store;
+pub mod digest;
 pub mod worker;
 pub mod cleanup;
 

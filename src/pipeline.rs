@@ -28,12 +28,17 @@ use crate::validate::{BadJob, EventRow, validate_event};
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "outcome", rename_all = "snake_case")]
 pub enum Outcome {
-    /// A notification was written.
-    Stored { notification_id: Option<i64> },
+    /// A notification was written. `critical`: of a critical type (its own budget).
+    Stored {
+        notification_id: Option<i64>,
+        #[serde(default)]
+        critical: bool,
+    },
     /// The user switched this event type off.
     OptedOut,
-    /// The user reached the rate limit; the event is kept with this outcome.
-    RateLimited,
+    /// The user reached the rate limit, or the type its cap; the event is kept with this
+    /// outcome and counted for the user's next digest.
+    RateLimited { event_type: String },
     /// The event already had an outcome: this job is a second run of it.
     Duplicate,
     /// The event failed validation; the reason is stored with it.
@@ -45,7 +50,7 @@ impl Outcome {
         match self {
             Outcome::Stored { .. } => "stored",
             Outcome::OptedOut => "opted_out",
-            Outcome::RateLimited => "rate_limited",
+            Outcome::RateLimited { .. } => "rate_limited",
             Outcome::Duplicate => "duplicate",
             Outcome::Invalid { .. } => "invalid",
         }
@@ -126,9 +131,12 @@ impl Pipeline {
                 Some(d) => match d.verdict {
                     Verdict::Stored => Outcome::Stored {
                         notification_id: d.notification_id,
+                        critical: d.critical,
                     },
                     Verdict::OptedOut => Outcome::OptedOut,
-                    Verdict::RateLimited => Outcome::RateLimited,
+                    Verdict::RateLimited => Outcome::RateLimited {
+                        event_type: p.event_type.clone(),
+                    },
                     Verdict::Invalid => Outcome::Invalid {
                         reason: match p.content {
                             Content::Invalid { reason } => reason,
@@ -196,8 +204,12 @@ fn prepare(rows: Vec<EventRow>) -> (HashMap<i64, Outcome>, Vec<Prepared>) {
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Tally {
     pub stored: u64,
+    /// Of `stored`, the events of critical types.
+    pub critical: u64,
     pub opted_out: u64,
     pub rate_limited: u64,
+    /// `rate_limited` by event type.
+    pub suppressed_by_type: std::collections::BTreeMap<String, u64>,
     pub duplicate: u64,
     pub invalid: u64,
     /// Jobs refused for good (their event does not exist).
@@ -212,9 +224,15 @@ impl Tally {
         let mut t = Tally::default();
         for answer in answers {
             match answer {
-                Ok(Outcome::Stored { .. }) => t.stored += 1,
+                Ok(Outcome::Stored { critical, .. }) => {
+                    t.stored += 1;
+                    t.critical += u64::from(*critical);
+                }
                 Ok(Outcome::OptedOut) => t.opted_out += 1,
-                Ok(Outcome::RateLimited) => t.rate_limited += 1,
+                Ok(Outcome::RateLimited { event_type }) => {
+                    t.rate_limited += 1;
+                    *t.suppressed_by_type.entry(event_type.clone()).or_default() += 1;
+                }
                 Ok(Outcome::Duplicate) => t.duplicate += 1,
                 Ok(Outcome::Invalid { .. }) => t.invalid += 1,
                 Err(_) => t.refused += 1,
@@ -241,6 +259,12 @@ impl Tally {
             if n > 0 {
                 counter!(series::EVENTS, "outcome" => label).increment(n);
             }
+        }
+        if self.critical > 0 {
+            counter!(series::CRITICAL_DELIVERIES).increment(self.critical);
+        }
+        for (event_type, n) in &self.suppressed_by_type {
+            counter!(series::SUPPRESSED, "event_type" => event_type.clone()).increment(*n);
         }
         for (kind, n) in [("permanent", self.refused), ("transient", self.retried)] {
             if n > 0 {

@@ -7,12 +7,15 @@
 //!   SELECT: the idempotency trigger and `INSERT … RETURNING id` read the table) on
 //!   `notify.events` (and, for ORMs, the view `notify.new_events`); read and write `notify.preferences`; SELECT `notify.notifications`
 //!   and UPDATE of its `read_at` column only; SELECT `notify.event_outcomes`; SELECT and
-//!   INSERT on `notify.event_types` (adding a type is one INSERT, jobs/README.md; it
-//!   cannot change or delete one). No access to the queue: the enqueue trigger writes
+//!   INSERT on `notify.event_types` (adding a type is one INSERT, jobs/README.md), and
+//!   UPDATE of its `priority`, `critical`, `max_per_window` and `digest_label` columns
+//!   (setting a priority or a cap, marking a type critical: one UPDATE each); it cannot
+//!   rename or delete one. No access to the queue: the enqueue trigger writes
 //!   `notify.queue_*` as its owner (migration `20261206000001_enqueue_as_owner.sql`).
-//! * **worker** (`notify_worker`): every statement of the claim, store, cleanup, heartbeat
-//!   and rotation paths, read off the code, and no more. TRUNCATE on the queue's four slot
-//!   tables only (the rotation empties a drained slot that way), no DDL, no right on
+//! * **worker** (`notify_worker`): every statement of the claim, store, digest sweep,
+//!   cleanup, heartbeat and rotation paths, read off the code, and no more. TRUNCATE on the
+//!   queue's four slot tables only (the rotation empties a drained slot that way), no DDL,
+//!   no right on
 //!   `notify.preferences` but SELECT, and none on `notify.queue_settings` but SELECT
 //!   (a failed attempt's backoff reads it). It may DELETE notifications and events
 //!   (retention), and it has UPDATE on `notify.notifications.read_at` only because a row
@@ -63,7 +66,7 @@ const BACKEND: &[&str] = &[
     "GRANT SELECT, INSERT, UPDATE, DELETE ON notify.preferences TO {}",
     "GRANT SELECT, UPDATE (read_at) ON notify.notifications TO {}",
     "GRANT SELECT ON notify.event_outcomes TO {}",
-    "GRANT SELECT, INSERT ON notify.event_types TO {}",
+    "GRANT SELECT, INSERT, UPDATE (priority, critical, max_per_window, digest_label) ON notify.event_types TO {}",
 ];
 
 const WORKER: &[&str] = &[
@@ -76,6 +79,7 @@ const WORKER: &[&str] = &[
     "GRANT SELECT, DELETE, UPDATE (outcome, outcome_reason, processed_at) ON notify.events TO {}",
     "GRANT SELECT, INSERT, DELETE, UPDATE (read_at) ON notify.notifications TO {}",
     "GRANT SELECT, INSERT, UPDATE, DELETE ON notify.rate_windows TO {}",
+    "GRANT SELECT, INSERT, UPDATE, DELETE ON notify.digest_pending TO {}",
     "GRANT SELECT, INSERT, UPDATE ON notify.notification_horizons TO {}",
     "GRANT SELECT ON notify.preferences, notify.queue_settings, notify.event_types TO {}",
 ];

@@ -14,14 +14,28 @@
 //!      event has an outcome on its row, a stored one has a notification;
 //!    * **preferences**: an event whose `(user_id, event_type)` switch is off is `opted_out`
 //!      (a missing row means on);
-//!    * **rate limit**: per user, count the deliveries stamped within the window (from the
-//!      user's `notify.rate_windows` row: one entry per earlier store transaction, with its
-//!      stamp and count) and admit events in event-id order while the count stays at or
-//!      below `limit`; the rest are `rate_limited`;
+//!    * **per-type cap**: for a type with `notify.event_types.max_per_window`, count that
+//!      type's deliveries within the window (the row's per-type entries), plus one while a
+//!      pending digest holds back this type (the digest waits for the type's room; this
+//!      keeps the next event of the type from taking it), and admit its events in event-id
+//!      order while they stay at or below the cap; the rest are `rate_limited`, and they do
+//!      not use the user's total;
+//!    * **rate limit**: per user, count the non-critical deliveries stamped within the
+//!      window (from the user's `notify.rate_windows` row: one entry per earlier store
+//!      transaction, with its stamp and count), plus one while a digest is pending (its
+//!      slot: the digest sweep, [`crate::digest`], fills it, so new events cannot starve
+//!      it), and admit events in event-id order while the count stays at or below `limit`;
+//!      the rest are `rate_limited`. Events of a **critical** type skip this step and the
+//!      preference: their own cap is their only bound (a backend loop stays bounded, a
+//!      flood of chat cannot keep them out);
+//!    * **digest counts**: add every `rate_limited` event of the batch to the user's
+//!      `notify.digest_pending` row for its type (decided once, so counted once);
 //!    * **store**: insert the admitted notifications (`ON CONFLICT (event_id) DO NOTHING`),
 //!      and add their stamp to the user's `rate_windows` row (trimmed to the entries that
 //!      can still matter: the last 7 days, the longest window accepted, and no more than the
-//!      newest `limit`). Exact across restarts with a longer window or a higher limit; after
+//!      newest `limit`), with one per-type entry per type delivered (kept for every type,
+//!      up to the larger of `limit` and the largest cap, so that a cap set later counts the
+//!      deliveries already in its window). Exact across restarts with a longer window or a higher limit; after
 //!      a limit was lowered and raised again within one window, the entries the lower limit
 //!      trimmed are not counted;
 //!    * write the outcome of every event that was not stored on its `notify.events` row.
@@ -34,7 +48,9 @@
 //!
 //! Invariants this gives, even with many replicas racing and jobs running twice:
 //! * one notification per event (unique `event_id`, and the decided check under the lock);
-//! * in any window of `window` length, a user has at most `limit` notifications. The
+//! * in any window of `window` length, a user has at most `limit` non-critical
+//!   notifications (digests included), at most `max_per_window` of a capped type, and at
+//!   most its cap of each critical type (counted apart from `limit`). The
 //!   stamp is `statement_timestamp()` of the statement that runs after the user's lock is
 //!   held, so per user, stamps grow in lock order, and each insert counts everything stamped
 //!   after its own stamp minus the window. The count comes from `rate_windows`, which is
@@ -42,7 +58,14 @@
 //!   (one row per user instead of a read of the user's newest `limit` notifications per
 //!   event: the drain ran 1.5x faster with it, see BENCHMARKS.md);
 //! * per user, notification ids grow in commit order (ids are drawn under the lock), so a
-//!   reader paging with `id > cursor` never skips a row.
+//!   reader paging with `id > cursor` never skips a row;
+//! * every `rate_limited` event is counted once in `notify.digest_pending`, in the
+//!   transaction that decides it.
+//!
+//! Changing the settings moves the bounds at the edges only, documented in migration
+//! `20261207000100`: a type made critical keeps its earlier deliveries in the total until
+//! they leave the window; a type made non-critical adds up to its cap to the total in the
+//! window of the change.
 
 use std::time::Duration;
 
@@ -131,6 +154,9 @@ pub struct Decision {
     pub user_id: String,
     pub verdict: Verdict,
     pub notification_id: Option<i64>,
+    /// The event's type is critical (`notify.event_types.critical`): counted apart from
+    /// the user's total, bounded by its own cap.
+    pub critical: bool,
 }
 
 /// Load the events named by a batch of jobs. Missing ids are simply absent. `outcome` is
@@ -176,7 +202,7 @@ pub async fn apply_in(
 /// false` locks an existing row without writing a new version of it, and waits for a
 /// concurrent transaction that is inserting the same user, so every user ends up either
 /// inserted or locked by this transaction, in key order.
-async fn lock_users<'a>(
+pub(crate) async fn lock_users<'a>(
     tx: &mut PgConnection,
     users: impl Iterator<Item = &'a str>,
 ) -> Result<(), sqlx::Error> {
@@ -204,42 +230,88 @@ WITH input AS (
 clock AS (
     SELECT COALESCE($7::timestamptz, statement_timestamp()) AS now
 ),
-decided AS (
+decided AS MATERIALIZED (
     -- Every lookup is a scalar subquery, one index probe per event, and no table is
     -- joined: the plan is then the same whatever the statistics say. With joins, a burst
     -- drained before any ANALYZE got a hash join over a sequential scan of all of
     -- notify.events per batch, and a nested loop over the batch squared (BENCHMARKS.md,
-    -- "A real database's bad day").
+    -- "A real database's bad day"). Materialized, so that each lookup runs once per event:
+    -- inlined, the CTEs after it would repeat every expression that names `early_outcome`
+    -- or `critical`.
     -- An event already decided is left out (a suppressed one: its row has an outcome) or
     -- marked `duplicate` (a stored one: its record is its notification, and its events row
-    -- keeps no outcome).
+    -- keeps no outcome). A critical type ignores the user's switch (a row left from before
+    -- it was critical).
     SELECT i.*,
+           COALESCE((SELECT t.critical FROM notify.event_types AS t
+                     WHERE t.name = i.event_type), false) AS critical,
+           (SELECT t.max_per_window FROM notify.event_types AS t
+            WHERE t.name = i.event_type) AS type_cap,
            CASE
                WHEN (SELECT n.event_id FROM notify.notifications AS n
                      WHERE n.event_id = i.event_id) IS NOT NULL THEN 'duplicate'
                WHEN i.invalid_reason IS NOT NULL THEN 'invalid'
                WHEN (SELECT pref.enabled FROM notify.preferences AS pref
                      WHERE pref.user_id = i.user_id AND pref.event_type = i.event_type) IS FALSE
-                   THEN 'opted_out'
-           END AS early_outcome,
-           -- The user's notifications stamped inside the window, from the user's
-           -- rate_windows row.
-           (SELECT COALESCE(sum(x.c), 0)
-            FROM notify.rate_windows AS w, unnest(w.stamps, w.counts) AS x(s, c), clock
-            WHERE w.user_id = i.user_id AND x.s > clock.now - $9::interval) AS recent
+                    AND (SELECT t.critical FROM notify.event_types AS t
+                         WHERE t.name = i.event_type) IS NOT TRUE THEN 'opted_out'
+           END AS early_outcome
     FROM input AS i
     WHERE (SELECT e.outcome IS NULL FROM notify.events AS e WHERE e.id = i.event_id)
 ),
-ranked AS (
+typed AS (
+    -- For an event of a capped type: that type's deliveries to the user inside the window,
+    -- from the per-type entries of the user's rate_windows row, plus one while a digest
+    -- holding back this type is pending (the digest waits for the type to have room, so
+    -- this keeps that room from being taken by the next event of the type).
     SELECT d.*,
-           row_number() OVER (PARTITION BY d.user_id, d.early_outcome IS NULL
-                              ORDER BY d.event_id) AS rank
+           CASE WHEN d.early_outcome IS NULL AND d.type_cap IS NOT NULL THEN
+               (SELECT COALESCE(sum(x.c), 0)
+                FROM notify.rate_windows AS w,
+                     unnest(w.type_stamps, w.type_names, w.type_counts) AS x(s, n, c), clock
+                WHERE w.user_id = d.user_id AND x.n = d.event_type
+                  AND x.s > clock.now - $9::interval)
+               + CASE WHEN (SELECT p.user_id FROM notify.digest_pending AS p
+                            WHERE p.user_id = d.user_id AND p.event_type = d.event_type)
+                           IS NOT NULL THEN 1 ELSE 0 END
+           END AS type_recent
     FROM decided AS d
 ),
-judged AS (
-    SELECT r.event_id, r.user_id, r.event_type, r.body, r.link, r.invalid_reason,
+capped AS (
+    -- The per-type cap first, in event-id order per user and type: an event it holds
+    -- back does not use the user's total.
+    SELECT t.*,
            CASE
-               WHEN r.early_outcome IS NOT NULL THEN r.early_outcome
+               WHEN t.early_outcome IS NOT NULL THEN t.early_outcome
+               WHEN t.type_cap IS NOT NULL
+                    AND row_number() OVER (PARTITION BY t.user_id, t.event_type,
+                                                        t.early_outcome IS NULL
+                                           ORDER BY t.event_id) + t.type_recent > t.type_cap
+                   THEN 'rate_limited'
+           END AS type_outcome
+    FROM typed AS t
+),
+ranked AS (
+    -- Per user: the non-critical notifications stamped inside the window (from the user's
+    -- rate_windows row), plus one while a digest is pending: its place, which the digest
+    -- sweep fills, so that a steady stream of new events cannot starve it.
+    SELECT c.*,
+           row_number() OVER (PARTITION BY c.user_id, c.type_outcome IS NULL AND NOT c.critical
+                              ORDER BY c.event_id) AS rank,
+           CASE WHEN c.type_outcome IS NULL AND NOT c.critical THEN
+               (SELECT COALESCE(sum(x.c), 0)
+                FROM notify.rate_windows AS w, unnest(w.stamps, w.counts) AS x(s, c), clock
+                WHERE w.user_id = c.user_id AND x.s > clock.now - $9::interval)
+               + CASE WHEN (SELECT p.user_id FROM notify.digest_pending AS p
+                            WHERE p.user_id = c.user_id LIMIT 1) IS NOT NULL THEN 1 ELSE 0 END
+           END AS recent
+    FROM capped AS c
+),
+judged AS (
+    SELECT r.event_id, r.user_id, r.event_type, r.body, r.link, r.invalid_reason, r.critical,
+           CASE
+               WHEN r.type_outcome IS NOT NULL THEN r.type_outcome
+               WHEN r.critical THEN 'stored'
                WHEN r.rank + r.recent <= $8 THEN 'stored'
                ELSE 'rate_limited'
            END AS outcome
@@ -252,25 +324,88 @@ inserted AS (
     WHERE j.outcome = 'stored'
     ORDER BY j.user_id, j.event_id
     ON CONFLICT (event_id) DO NOTHING
-    RETURNING event_id, id, user_id
+    RETURNING event_id, id, user_id, event_type
+),
+delivered AS (
+    -- Per user: this transaction's deliveries per type, and the non-critical total.
+    SELECT d.user_id,
+           COALESCE(sum(d.n) FILTER (WHERE NOT d.critical), 0)::integer AS total,
+           array_agg(d.event_type ORDER BY d.event_type) AS names,
+           array_agg(d.n ORDER BY d.event_type) AS counts
+    FROM (SELECT i.user_id, i.event_type,
+                 COALESCE((SELECT t.critical FROM notify.event_types AS t
+                           WHERE t.name = i.event_type), false) AS critical,
+                 count(*)::integer AS n
+          FROM inserted AS i
+          GROUP BY i.user_id, i.event_type) AS d
+    GROUP BY d.user_id
 ),
 windowed AS (
     -- Put this transaction's stamp first (newest first); keep the older entries of the
     -- last 7 days (the longest window the worker accepts: a window made longer later still
     -- finds them), and no more than `limit` entries in all: each entry stands for at least
     -- one notification, so entries after the newest `limit` cannot change a decision.
-    INSERT INTO notify.rate_windows AS w (user_id, stamps, counts)
-    SELECT i.user_id, ARRAY[clock.now], ARRAY[count(*)::integer]
-    FROM inserted AS i, clock
-    GROUP BY i.user_id, clock.now
+    -- Per-type entries likewise, per type no more than the largest of `limit` and every
+    -- type's cap (a cap set later finds the type's recent deliveries).
+    INSERT INTO notify.rate_windows AS w
+           (user_id, stamps, counts, type_stamps, type_names, type_counts)
+    SELECT p.user_id,
+           CASE WHEN p.total > 0 THEN ARRAY[clock.now] ELSE '{}'::timestamptz[] END,
+           CASE WHEN p.total > 0 THEN ARRAY[p.total] ELSE '{}'::integer[] END,
+           array_fill(clock.now, ARRAY[cardinality(p.names)]), p.names, p.counts
+    FROM delivered AS p, clock
     ON CONFLICT (user_id) DO UPDATE
     SET stamps = (EXCLUDED.stamps
                   || ARRAY(SELECT x.s FROM unnest(w.stamps, w.counts) AS x(s, c)
-                           WHERE x.s > EXCLUDED.stamps[1] - interval '7 days'))[1:$8::integer],
+                           WHERE x.s > EXCLUDED.type_stamps[1] - interval '7 days'))[1:$8::integer],
         counts = (EXCLUDED.counts
                   || ARRAY(SELECT x.c FROM unnest(w.stamps, w.counts) AS x(s, c)
-                           WHERE x.s > EXCLUDED.stamps[1] - interval '7 days'))[1:$8::integer]
+                           WHERE x.s > EXCLUDED.type_stamps[1] - interval '7 days'))[1:$8::integer],
+        type_stamps = EXCLUDED.type_stamps
+                      || ARRAY(SELECT k.s FROM (
+                             SELECT x.*, row_number() OVER (PARTITION BY x.n ORDER BY x.o) AS r
+                             FROM unnest(w.type_stamps, w.type_names, w.type_counts)
+                                  WITH ORDINALITY AS x(s, n, c, o)) AS k
+                           WHERE k.s > EXCLUDED.type_stamps[1] - interval '7 days'
+                             AND k.r + (k.n = ANY(EXCLUDED.type_names))::integer
+                                 <= GREATEST($8::integer, (SELECT max(t.max_per_window)
+                                                           FROM notify.event_types AS t))
+                           ORDER BY k.o),
+        type_names = EXCLUDED.type_names
+                      || ARRAY(SELECT k.n FROM (
+                             SELECT x.*, row_number() OVER (PARTITION BY x.n ORDER BY x.o) AS r
+                             FROM unnest(w.type_stamps, w.type_names, w.type_counts)
+                                  WITH ORDINALITY AS x(s, n, c, o)) AS k
+                           WHERE k.s > EXCLUDED.type_stamps[1] - interval '7 days'
+                             AND k.r + (k.n = ANY(EXCLUDED.type_names))::integer
+                                 <= GREATEST($8::integer, (SELECT max(t.max_per_window)
+                                                           FROM notify.event_types AS t))
+                           ORDER BY k.o),
+        type_counts = EXCLUDED.type_counts
+                      || ARRAY(SELECT k.c FROM (
+                             SELECT x.*, row_number() OVER (PARTITION BY x.n ORDER BY x.o) AS r
+                             FROM unnest(w.type_stamps, w.type_names, w.type_counts)
+                                  WITH ORDINALITY AS x(s, n, c, o)) AS k
+                           WHERE k.s > EXCLUDED.type_stamps[1] - interval '7 days'
+                             AND k.r + (k.n = ANY(EXCLUDED.type_names))::integer
+                                 <= GREATEST($8::integer, (SELECT max(t.max_per_window)
+                                                           FROM notify.event_types AS t))
+                           ORDER BY k.o)
     RETURNING 1
+),
+suppressed AS (
+    -- Count what the limit held back for the user's next digest, in this transaction:
+    -- exactly once per event (a second run of a job finds it decided above).
+    INSERT INTO notify.digest_pending AS p
+           (user_id, event_type, suppressed, first_at, last_at, due_at)
+    SELECT j.user_id, j.event_type, count(*)::integer, clock.now, clock.now, clock.now
+    FROM judged AS j, clock
+    WHERE j.outcome = 'rate_limited'
+    GROUP BY j.user_id, j.event_type, clock.now
+    ORDER BY j.user_id, j.event_type
+    ON CONFLICT (user_id, event_type) DO UPDATE
+    SET suppressed = p.suppressed + EXCLUDED.suppressed,
+        last_at = GREATEST(p.last_at, EXCLUDED.last_at)
 ),
 announced AS MATERIALIZED (
     -- One NOTIFY per chunk of users: a chunk's entries, sized for the worst case (every
@@ -291,16 +426,23 @@ recorded AS (
     WHERE e.id = ANY(ARRAY(SELECT j.event_id FROM judged AS j
                            WHERE j.outcome NOT IN ('stored', 'duplicate')))
 )
-SELECT event_id, user_id, outcome, NULL::bigint AS notification_id FROM judged
+SELECT event_id, user_id, outcome, NULL::bigint AS notification_id, critical FROM judged
 WHERE outcome <> 'duplicate'
 UNION ALL
-SELECT event_id, NULL, NULL, id FROM inserted
+SELECT event_id, NULL, NULL, id, NULL FROM inserted
 UNION ALL
-SELECT -1, NULL, NULL, count(*) FROM announced  -- makes the announcement run; ignored
+SELECT -1, NULL, NULL, count(*), NULL FROM announced  -- makes the announcement run; ignored
 "#;
 
-/// `(event_id, user_id, outcome, notification_id)`: see [`DECIDE_AND_STORE`]'s final SELECT.
-type StoreRow = (i64, Option<String>, Option<String>, Option<i64>);
+/// `(event_id, user_id, outcome, notification_id, critical)`: see [`DECIDE_AND_STORE`]'s
+/// final SELECT.
+type StoreRow = (
+    i64,
+    Option<String>,
+    Option<String>,
+    Option<i64>,
+    Option<bool>,
+);
 
 async fn decide_and_store(
     tx: &mut PgConnection,
@@ -355,7 +497,7 @@ async fn decide_and_store(
     // planner cannot estimate `unnest` and would join the two with nested loops.
     let mut ids_by_event = std::collections::HashMap::new();
     let mut decisions = Vec::with_capacity(rows.len());
-    for (event_id, user_id, outcome, notification_id) in rows {
+    for (event_id, user_id, outcome, notification_id, critical) in rows {
         match (user_id, outcome, notification_id) {
             (_, _, Some(id)) => {
                 ids_by_event.insert(event_id, id);
@@ -365,6 +507,7 @@ async fn decide_and_store(
                 user_id,
                 verdict: Verdict::parse(&outcome)?,
                 notification_id: None,
+                critical: critical.unwrap_or(false),
             }),
             _ => {}
         }

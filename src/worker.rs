@@ -1,5 +1,5 @@
-//! `notifyd worker`: the claim loop, the cleanup loop and (optionally) a `/metrics`
-//! listener in one process. Stateless: run as many replicas as you like against one
+//! `notifyd worker`: the claim loop, the cleanup loop, the digest sweep
+//! ([`crate::digest`]) and (optionally) a `/metrics` listener in one process. Stateless: run as many replicas as you like against one
 //! database.
 //!
 //! Bounds an operator can rely on (defaults in brackets):
@@ -22,7 +22,7 @@ use crate::claim::{self, Processor, Stopped};
 use crate::config::WorkerArgs;
 use crate::pipeline::Pipeline;
 use crate::telemetry::series;
-use crate::{cleanup, db, ops};
+use crate::{cleanup, db, digest, ops};
 
 /// Time allowed, after the claim loop returned, for closing the connection pool.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
@@ -122,6 +122,15 @@ pub async fn run(
             .instrument(tracing::info_span!("cleanup")),
         );
     }
+    tokio::spawn(
+        digest::sweep_loop(
+            pool.clone(),
+            args.rate_limit(),
+            Duration::from_secs(args.digest_interval_secs),
+            shutdown.clone(),
+        )
+        .instrument(tracing::info_span!("digest")),
+    );
     if metrics_listener.is_some() {
         tokio::spawn(queue_metrics_loop(
             pool.clone(),

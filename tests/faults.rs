@@ -199,6 +199,131 @@ async fn two_then_three_replicas_with_one_killed_keep_the_rate_limit_exact() {
     );
 }
 
+/// Three `notifyd worker` processes on one database, a short window (3 s) and a mix of
+/// capped, critical and plain types: every cap holds in every window, and every held back
+/// event reaches its user in exactly one digest, sent by the workers' sweep once the window
+/// has room, with no new event arriving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_worker_processes_keep_every_cap_and_digest_what_they_hold_back() {
+    let db = TestDb::new().await;
+    let pool = &db.pool;
+    sqlx::raw_sql(
+        "UPDATE notify.event_types SET max_per_window = 3 WHERE name = 'status_change';
+         UPDATE notify.event_types SET max_per_window = 2 WHERE name = 'security_alert';",
+    )
+    .execute(pool)
+    .await
+    .unwrap();
+    let env = [
+        ("NOTIFYD_FETCH_BATCH", "7".to_owned()),
+        ("NOTIFYD_RATE_LIMIT", "10".to_owned()),
+        ("NOTIFYD_RATE_WINDOW_SECS", "3".to_owned()),
+        ("NOTIFYD_DIGEST_INTERVAL_SECS", "1".to_owned()),
+    ];
+    let mut workers: Vec<Proc> = (0..3)
+        .map(|i| Proc::worker(&db.url, &format!("dg-{i}"), &env))
+        .collect();
+    for i in 0..3 {
+        wait_registered(pool, &format!("dg-{i}")).await;
+    }
+    // 8 users x 40 events, types interleaved, in one burst.
+    sqlx::query(
+        "INSERT INTO notify.events (user_id, event_type, body)
+         SELECT 'u' || (g % 8),
+                (ARRAY['new_message', 'status_change', 'security_alert', 'new_message'])[1 + g % 4],
+                'e' || g
+         FROM generate_series(0, 319) AS g",
+    )
+    .execute(pool)
+    .await
+    .unwrap();
+    let mut procs: Vec<&mut Proc> = workers.iter_mut().collect();
+    wait_drained(pool, 320, Duration::from_secs(60), &mut procs).await;
+    // Once every window has passed, the digests are out (polled, bounded).
+    wait_for(Duration::from_secs(30), "every digest sent", || async {
+        (scalar(pool, "SELECT count(*) FROM notify.digest_pending").await == 0).then_some(())
+    })
+    .await;
+    let held = scalar(
+        pool,
+        "SELECT count(*) FROM notify.events WHERE outcome = 'rate_limited'",
+    )
+    .await;
+    let digested = scalar(
+        pool,
+        "SELECT COALESCE(sum((digest->>'total')::int8), 0)::int8 FROM notify.notifications
+         WHERE event_type = 'digest'",
+    )
+    .await;
+    assert!(held > 0, "the burst must go past the limits");
+    assert_eq!(
+        digested, held,
+        "every held back event in exactly one digest"
+    );
+    // Every bound, in every 3-second window ending at a notification of the user.
+    let over = |filter: &'static str, bound: i64| {
+        let sql = format!(
+            "SELECT count(*) FROM notify.notifications AS n
+             WHERE (SELECT count(*) FROM notify.notifications AS m
+                    WHERE m.user_id = n.user_id AND ({filter})
+                      AND m.created_at > n.created_at - interval '3 seconds'
+                      AND m.created_at <= n.created_at) > {bound}"
+        );
+        async move {
+            sqlx::query_scalar::<_, i64>(sqlx::AssertSqlSafe(sql))
+                .fetch_one(pool)
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(
+        over("m.event_type <> 'security_alert'", 10).await,
+        0,
+        "the total"
+    );
+    assert_eq!(
+        over("m.event_type = 'status_change'", 3).await,
+        0,
+        "the status cap"
+    );
+    assert_eq!(
+        over("m.event_type = 'security_alert'", 2).await,
+        0,
+        "the critical cap"
+    );
+    // Each digest came within the sweep interval (plus slack) of its user's room: no later
+    // than a window after the user's delivery before it.
+    let late = scalar(
+        pool,
+        "SELECT count(*) FROM notify.notifications AS d
+         WHERE d.event_type = 'digest'
+           AND d.created_at > (SELECT max(n.created_at) FROM notify.notifications AS n
+                               WHERE n.user_id = d.user_id AND n.id < d.id)
+                              + interval '3 seconds' + interval '3 seconds'",
+    )
+    .await;
+    assert_eq!(
+        late, 0,
+        "a digest came later than its room plus the sweep interval"
+    );
+    let digests = scalar(
+        pool,
+        "SELECT count(*) FROM notify.notifications WHERE event_type = 'digest'",
+    )
+    .await;
+    for w in &mut workers {
+        assert!(w.is_running(), "{}", w.log_tail());
+    }
+    let sent = workers[0].metric("notifyd_digests_sent_total").await
+        + workers[1].metric("notifyd_digests_sent_total").await
+        + workers[2].metric("notifyd_digests_sent_total").await;
+    assert_eq!(sent as i64, digests, "/metrics counts every digest once");
+    println!(
+        "FIGURES digests: 320 events to 8 users through 3 worker processes; {held} held back, \
+         {digests} digests summing up {digested}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_worker_loses_its_jobs_and_its_late_work_is_harmless() {
     let db = TestDb::new().await;

@@ -70,7 +70,10 @@ STREAM = "/api/notifications/stream"
 with open(os.environ["NOTIFYD_FUZZ_OPENAPI"], encoding="utf-8") as f:
     SPEC = json.load(f)
 
-NOTIFICATION = jsonschema_rs.validator_for(SPEC["components"]["schemas"]["Notification"])
+# With the document's components next to it, so that its `$ref`s (`Digest`) resolve.
+NOTIFICATION = jsonschema_rs.validator_for(
+    dict(SPEC["components"]["schemas"]["Notification"], components=SPEC["components"])
+)
 STREAM_200 = SPEC["paths"][STREAM]["get"]["responses"]["200"]["content"]["text/event-stream"]
 # The document still has `schema` describe the whole body as a string.
 LEGACY_STREAM_SCHEMA = "itemSchema" not in STREAM_200 and STREAM_200.get("schema") == {"type": "string"}

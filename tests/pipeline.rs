@@ -29,7 +29,7 @@ async fn apply_batch(
     now: Option<chrono::DateTime<chrono::Utc>>,
 ) -> Result<Vec<Decision>, sqlx::Error> {
     let mut tx = pool.begin().await?;
-    let decisions = notifyd::store::apply_in(&mut tx, batch, &[], rate, now).await?;
+    let decisions = notifyd::store::apply_in(&mut tx, batch, rate, now).await?;
     tx.commit().await?;
     Ok(decisions)
 }
@@ -43,7 +43,8 @@ async fn stores_one_notification_per_event_even_when_run_twice() {
     assert!(matches!(
         first[0],
         Outcome::Stored {
-            notification_id: Some(_)
+            notification_id: Some(_),
+            critical: false,
         }
     ));
     let again = process(&p, &[id, id]).await;
@@ -184,6 +185,7 @@ async fn a_stored_event_is_recorded_by_its_notification() {
     let out = process(&db.pipeline(), &[id]).await;
     let Outcome::Stored {
         notification_id: Some(notification),
+        ..
     } = out[0]
     else {
         panic!("not stored: {out:?}");

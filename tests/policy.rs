@@ -51,6 +51,13 @@ fn pipeline_at(db: &TestDb, limit: u32, now: DateTime<Utc>) -> Runner {
     p
 }
 
+/// A `new_message` held back by the limit.
+fn limited() -> Outcome {
+    Outcome::RateLimited {
+        event_type: "new_message".into(),
+    }
+}
+
 fn labels(outcomes: &[Outcome]) -> Vec<&'static str> {
     outcomes.iter().map(Outcome::label).collect()
 }
@@ -208,7 +215,7 @@ async fn the_101st_in_one_batch_is_rate_limited() {
     let out = process(&p, &ids).await;
     // Admitted in event order: the first 100 of user 42, then the 101st is refused.
     assert!(out[..100].iter().all(|o| o.label() == "stored"), "{out:?}");
-    assert_eq!(out[100], Outcome::RateLimited);
+    assert_eq!(out[100], limited());
     assert!(
         out[101..].iter().all(|o| o.label() == "stored"),
         "user 43 is not limited by 42"
@@ -249,22 +256,24 @@ async fn the_101st_across_batches_is_rate_limited_until_the_window_passes() {
     // The 101st, a little later, in its own batch.
     let extra = enqueue_n(&db, "42", "new_message", 2).await;
     let out = process(&pipeline_at(&db, 100, t0() + minutes(3)), &extra[..1]).await;
-    assert_eq!(out, vec![Outcome::RateLimited]);
+    assert_eq!(out, vec![limited()]);
     assert_eq!(
         recorded(&db.pool, &extra[..1]).await,
         [Some("rate_limited".into())]
     );
     // 59 minutes after the first batch: still full.
     let out = process(&pipeline_at(&db, 100, t0() + minutes(59)), &extra[1..]).await;
-    assert_eq!(out, vec![Outcome::RateLimited]);
+    assert_eq!(out, vec![limited()]);
     // 60½ minutes after the first batch its 30 have left the window, the second batch's
-    // have not (it was a minute later): exactly 30 more fit.
+    // have not (it was a minute later): exactly 30 more fit, of which one is kept for the
+    // digest of the two held back (the digest sweep sends it; none runs here).
     let more = enqueue_n(&db, "42", "new_message", 31).await;
     let at = t0() + minutes(60) + chrono::Duration::seconds(30);
     let out = process(&pipeline_at(&db, 100, at), &more).await;
-    assert_eq!(count(&out, "stored"), 30, "{:?}", labels(&out));
-    assert_eq!(out[30], Outcome::RateLimited);
-    assert_eq!(stored_for(&db, "42").await, 130);
+    assert_eq!(count(&out, "stored"), 29, "{:?}", labels(&out));
+    assert_eq!(out[29], limited());
+    assert_eq!(out[30], limited());
+    assert_eq!(stored_for(&db, "42").await, 129);
     assert_eq!(
         max_in_any_window(&db, "42", Duration::from_secs(3600)).await,
         100
@@ -294,7 +303,7 @@ async fn the_window_slides_rather_than_resetting() {
     let a = enqueue_n(&db, "42", "new_message", 1).await;
     assert_eq!(
         process(&pipeline_at(&db, 100, t0() + minutes(59)), &a).await,
-        vec![Outcome::RateLimited]
+        vec![limited()]
     );
     // At t0+61min the first 50 have left; the 50 from t0+30min have not.
     let b = enqueue_n(&db, "42", "new_message", 1).await;
@@ -302,16 +311,17 @@ async fn the_window_slides_rather_than_resetting() {
         process(&pipeline_at(&db, 100, t0() + minutes(61)), &b).await[0],
         Outcome::Stored { .. }
     ));
-    // So at t0+61min there is room for 49 more, not 99 (a fixed hourly bucket would allow it).
+    // So at t0+61min there is room for 49 more, not 99 (a fixed hourly bucket would allow
+    // it), one of which is kept for the digest of the event held back at t0+59min.
     let c = enqueue_n(&db, "42", "new_message", 60).await;
     let out = process(&pipeline_at(&db, 100, t0() + minutes(61)), &c).await;
-    assert_eq!(count(&out, "stored"), 49, "{:?}", labels(&out));
-    assert_eq!(count(&out, "rate_limited"), 11);
+    assert_eq!(count(&out, "stored"), 48, "{:?}", labels(&out));
+    assert_eq!(count(&out, "rate_limited"), 12);
     // At t0+91min the t0+30min batch has left too: 50 more fit.
     let d = enqueue_n(&db, "42", "new_message", 51).await;
     let out = process(&pipeline_at(&db, 100, t0() + minutes(91)), &d).await;
     assert_eq!(count(&out, "stored"), 50, "{:?}", labels(&out));
-    assert_eq!(out[50], Outcome::RateLimited);
+    assert_eq!(out[50], limited());
     assert_eq!(
         max_in_any_window(&db, "42", Duration::from_secs(3600)).await,
         100
@@ -338,13 +348,14 @@ async fn the_limit_and_the_window_are_configurable() {
         ["stored", "stored", "stored", "rate_limited", "rate_limited"]
     );
     let one = enqueue_n(&db, "42", "new_message", 1).await;
-    assert_eq!(
-        process(&at(t0() + minutes(9)), &one).await,
-        vec![Outcome::RateLimited]
-    );
+    assert_eq!(process(&at(t0() + minutes(9)), &one).await, vec![limited()]);
+    // The window has passed: 3 fit, one kept for the pending digest of the three held back.
     let three = enqueue_n(&db, "42", "new_message", 4).await;
     let out = process(&at(t0() + minutes(11)), &three).await;
-    assert_eq!(labels(&out), ["stored", "stored", "stored", "rate_limited"]);
+    assert_eq!(
+        labels(&out),
+        ["stored", "stored", "rate_limited", "rate_limited"]
+    );
     assert_eq!(
         max_in_any_window(&db, "42", Duration::from_secs(600)).await,
         3
@@ -368,12 +379,13 @@ async fn rate_limited_events_do_not_consume_the_limit() {
         ),
         5
     );
-    // ... do not count: at t0+61min the window holds none of the stored ones, so all three
-    // fit (if refusals counted, the five from t0+30min would fill it).
+    // ... do not count: at t0+61min the window holds none of the stored ones, so three fit
+    // (if refusals counted, the five from t0+30min would fill it): their one digest and two
+    // of the new events.
     let later = enqueue_n(&db, "42", "new_message", 3).await;
     assert_eq!(
         labels(&process(&pipeline_at(&db, 3, t0() + minutes(61)), &later).await),
-        ["stored", "stored", "stored"]
+        ["stored", "stored", "rate_limited"]
     );
 }
 

@@ -153,6 +153,10 @@ async fn every_forbidden_write_fails_and_every_needed_one_works() {
             "UPDATE notify.notifications SET read_at = now() WHERE user_id = '42'",
             "SELECT count(*) FROM notify.event_outcomes",
             "INSERT INTO notify.event_types (name) VALUES ('weekly_digest')",
+            // Caps and critical types: one UPDATE each (jobs/README.md).
+            "UPDATE notify.event_types SET max_per_window = 50 WHERE name = 'status_change'",
+            "UPDATE notify.event_types SET critical = true, max_per_window = 5
+             WHERE name = 'weekly_digest'",
             // The ORM view: a repeat of key k1 through it answers with the original row.
             "INSERT INTO notify.new_events (user_id, event_type, body, idempotency_key)
              VALUES ('42', 'new_message', 'hello', 'k1') RETURNING id",
@@ -179,7 +183,9 @@ async fn every_forbidden_write_fails_and_every_needed_one_works() {
             "TRUNCATE notify.events",
             "UPDATE notify.queue_settings SET max_attempts = 1",
             "DELETE FROM notify.event_types",
+            "UPDATE notify.event_types SET name = 'renamed' WHERE name = 'system_alert'",
             "SELECT 1 FROM notify.rate_windows",
+            "SELECT 1 FROM notify.digest_pending",
         ],
     )
     .await;
@@ -195,6 +201,29 @@ async fn every_forbidden_write_fails_and_every_needed_one_works() {
         matches!(out[0], notifyd::pipeline::Outcome::Stored { .. }),
         "{out:?}"
     );
+    // Held back and digested, as the worker role: the store counts, the sweep sends.
+    let held: i64 = sqlx::query_scalar(
+        "INSERT INTO notify.events (user_id, event_type, body)
+         VALUES ('77', 'new_message', 'one too many') RETURNING id",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    let mut limited = common::Runner::new(
+        worker.clone(),
+        notifyd::store::RateLimit {
+            limit: 1,
+            window: Duration::from_secs(3600),
+        },
+    );
+    // Two hours ago (the window has room again by now), so the sweep runs on the clock.
+    limited.now = Some(chrono::Utc::now() - chrono::Duration::hours(2));
+    let two = common::process(&limited, &[held, held_2(&db).await]).await;
+    assert_eq!(two[1].label(), "rate_limited", "{two:?}");
+    let sent = notifyd::digest::run_once(&worker, limited.rate, None)
+        .await
+        .expect("the digest sweep as the worker role");
+    assert_eq!(sent.digests, 1);
     notifyd::cleanup::run_once(
         &worker,
         notifyd::cleanup::Retention {
@@ -511,4 +540,15 @@ async fn every_command_works_for_a_database_owner_that_is_not_a_superuser() {
         err.contains(&missing) && err.contains("CREATEROLE") && err.contains("CREATE ROLE"),
         "{err}"
     );
+}
+
+/// One more event for user 77, enqueued as the owner.
+async fn held_2(db: &common::TestDb) -> i64 {
+    sqlx::query_scalar(
+        "INSERT INTO notify.events (user_id, event_type, body)
+         VALUES ('77', 'status_change', 'two too many') RETURNING id",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap()
 }

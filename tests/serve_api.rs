@@ -88,9 +88,18 @@ async fn the_response_has_the_documented_shape() {
     let keys: BTreeSet<&str> = n.as_object().unwrap().keys().map(|k| k.as_str()).collect();
     assert_eq!(
         keys,
-        BTreeSet::from(["id", "event_type", "body", "link", "created_at", "read_at"])
+        BTreeSet::from([
+            "id",
+            "event_type",
+            "body",
+            "link",
+            "created_at",
+            "read_at",
+            "digest"
+        ])
     );
     assert_eq!(n["id"], id);
+    assert!(n["digest"].is_null(), "only a digest has one");
     assert_eq!(n["event_type"], "new_message");
     assert_eq!(n["body"], "note 1");
     assert_eq!(n["link"], "/n/1");
@@ -112,6 +121,55 @@ async fn the_response_has_the_documented_shape() {
     .await;
     chrono::DateTime::parse_from_rfc3339(page["notifications"][0]["read_at"].as_str().unwrap())
         .unwrap();
+}
+
+/// A digest (the worker's sweep, after the rate limit held events back) is served with its
+/// counts in `digest`; the other notifications have `digest: null`.
+#[tokio::test]
+async fn a_digest_is_served_with_its_counts() {
+    let s = Server::start().await;
+    let mut p = Runner::new(
+        s.db.pool.clone(),
+        RateLimit {
+            limit: 1,
+            window: Duration::from_secs(3600),
+        },
+    );
+    let now = chrono::Utc::now();
+    p.now = Some(now);
+    let mut events = Vec::new();
+    for (ty, body) in [
+        ("new_message", "one"),
+        ("new_message", "two"),
+        ("status_change", "three"),
+    ] {
+        events.push(s.db.enqueue("42", ty, body).await);
+    }
+    let out = process(&p, &events).await;
+    assert_eq!(out[0].label(), "stored");
+    notifyd::digest::run_once(&s.db.pool, p.rate, Some(now + chrono::Duration::hours(2)))
+        .await
+        .unwrap();
+    let page = eventually(Duration::from_secs(10), || async {
+        let page = s.page(LIST, &token("42")).await;
+        (page["notifications"].as_array().unwrap().len() == 2).then_some(page)
+    })
+    .await;
+    let n = &page["notifications"];
+    assert!(n[0]["digest"].is_null());
+    assert_eq!(n[1]["event_type"], "digest");
+    assert_eq!(
+        n[1]["body"],
+        "2 more notifications while you were away: 1 new message, 1 status change"
+    );
+    let d = &n[1]["digest"];
+    assert_eq!(d["total"], 2);
+    assert_eq!(
+        d["counts"],
+        serde_json::json!({"new_message": 1, "status_change": 1})
+    );
+    chrono::DateTime::parse_from_rfc3339(d["first_at"].as_str().unwrap()).unwrap();
+    chrono::DateTime::parse_from_rfc3339(d["last_at"].as_str().unwrap()).unwrap();
 }
 
 #[tokio::test]

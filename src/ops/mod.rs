@@ -33,10 +33,8 @@ use queries::{
     discard_failed, event, failed_jobs, job, queue_stats, recent_outcomes, retry_failed,
     retry_settings, set_retry_settings, status,
 };
-use render::{
-    plural, render_failed, render_job, render_outcomes, render_queue, render_settings,
-    render_status,
-};
+pub use render::render_status;
+use render::{plural, render_failed, render_job, render_outcomes, render_queue, render_settings};
 
 /// Worker liveness: the worker's heartbeat settings, and how the status command tells
 /// live workers from dead ones. One definition for both, so that they agree when they

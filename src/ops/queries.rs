@@ -194,6 +194,62 @@ pub async fn recent_outcomes(pool: &PgPool) -> Result<BTreeMap<String, i64>, sql
     Ok(rows.into_iter().collect())
 }
 
+/// What the rate limit held back and what got through on a budget of its own, for
+/// operators: `notifyd status` and its `--json`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct DigestStats {
+    /// Events `rate_limited` (by the total or by their type's cap) in the last hour, by type.
+    pub suppressed_last_hour: BTreeMap<String, i64>,
+    /// Users with a digest waiting for room, and the events it sums up so far.
+    pub pending_users: i64,
+    pub pending_events: i64,
+    /// Digest notifications stored in the last hour.
+    pub digests_last_hour: i64,
+    /// Notifications of critical types stored in the last hour, by type.
+    pub critical_last_hour: BTreeMap<String, i64>,
+}
+
+/// [`DigestStats`]: the suppressed events through the `events_suppressed` index, the
+/// notifications of the last hour through the `created_at` BRIN index.
+pub async fn digest_stats(pool: &PgPool) -> Result<DigestStats, sqlx::Error> {
+    let suppressed: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT event_type, count(*) FROM notify.events
+         WHERE outcome = 'rate_limited' AND processed_at > now() - interval '1 hour'
+         GROUP BY 1",
+    )
+    .fetch_all(pool)
+    .await?;
+    let (pending_users, pending_events): (i64, i64) = sqlx::query_as(
+        "SELECT count(DISTINCT user_id), COALESCE(sum(suppressed), 0)::bigint
+         FROM notify.digest_pending",
+    )
+    .fetch_one(pool)
+    .await?;
+    let delivered: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT n.event_type, count(*) FROM notify.notifications AS n
+         WHERE n.created_at > now() - interval '1 hour'
+           AND (n.event_type = 'digest'
+                OR n.event_type = ANY(ARRAY(SELECT name FROM notify.event_types WHERE critical)))
+         GROUP BY 1",
+    )
+    .fetch_all(pool)
+    .await?;
+    let mut stats = DigestStats {
+        suppressed_last_hour: suppressed.into_iter().collect(),
+        pending_users,
+        pending_events,
+        ..DigestStats::default()
+    };
+    for (event_type, n) in delivered {
+        if event_type == crate::digest::DIGEST_TYPE {
+            stats.digests_last_hour = n;
+        } else {
+            stats.critical_last_hour.insert(event_type, n);
+        }
+    }
+    Ok(stats)
+}
+
 /// The retry policy (`notify.queue_settings`).
 #[derive(Debug, Clone, PartialEq, Serialize, sqlx::FromRow)]
 pub struct RetrySettings {
@@ -390,6 +446,7 @@ pub struct Status {
     /// back vacuum in this database; `None` when there is none.
     pub horizon: Option<HorizonHolder>,
     pub events_last_hour: BTreeMap<String, i64>,
+    pub digests: DigestStats,
     pub silent_after_secs: u64,
     pub workers_alive: usize,
     pub workers: Vec<WorkerRow>,
@@ -405,6 +462,7 @@ pub async fn status(pool: &PgPool, silent_after: Duration) -> anyhow::Result<Sta
         slots: slots(pool).await?,
         horizon: horizon_holder(pool).await?,
         events_last_hour: recent_outcomes(pool).await?,
+        digests: digest_stats(pool).await?,
         silent_after_secs: silent_after.as_secs(),
         workers_alive: workers.iter().filter(|w| w.alive).count(),
         workers,

@@ -7,7 +7,8 @@ use std::fmt::Write as _;
 use chrono::{DateTime, Utc};
 
 use super::queries::{
-    EventView, HorizonHolder, JobView, QueueStats, RetrySettings, SlotRow, Status, WorkerRow,
+    DigestStats, EventView, HorizonHolder, JobView, QueueStats, RetrySettings, SlotRow, Status,
+    WorkerRow,
 };
 use crate::contract::QUEUE;
 
@@ -187,6 +188,41 @@ pub(super) fn render_outcomes(outcomes: &BTreeMap<String, i64>) -> String {
     out
 }
 
+pub(super) fn render_digests(d: &DigestStats) -> String {
+    let mut out = String::from(
+        "Rate limit and critical types, last hour (held back events go into one digest per user)\n",
+    );
+    let mut rows: Vec<Vec<String>> = d
+        .suppressed_last_hour
+        .iter()
+        .map(|(t, n)| vec!["held back".into(), t.clone(), n.to_string()])
+        .collect();
+    rows.push(vec![
+        "digests sent".into(),
+        crate::digest::DIGEST_TYPE.into(),
+        d.digests_last_hour.to_string(),
+    ]);
+    rows.extend(
+        d.critical_last_hour
+            .iter()
+            .map(|(t, n)| vec!["critical delivered".into(), t.clone(), n.to_string()]),
+    );
+    out.push_str(&table(
+        &["WHAT", "EVENT TYPE", "COUNT"],
+        &[false, false, true],
+        &rows,
+    ));
+    let _ = writeln!(
+        out,
+        "  waiting for room: {} digest{} summing up {} event{}",
+        d.pending_users,
+        plural(d.pending_users as usize),
+        d.pending_events,
+        plural(d.pending_events as usize)
+    );
+    out
+}
+
 pub(super) fn render_workers(workers: &[WorkerRow], silent_after: u64) -> String {
     let mut out = format!(
         "Workers (gone after {silent_after} s without a heartbeat; a batch in flight is a row \
@@ -232,6 +268,8 @@ pub fn render_status(s: &Status) -> String {
     out.push_str(&render_horizon(s.horizon.as_ref()));
     out.push('\n');
     out.push_str(&render_outcomes(&s.events_last_hour));
+    out.push('\n');
+    out.push_str(&render_digests(&s.digests));
     out.push('\n');
     out.push_str(&render_workers(&s.workers, s.silent_after_secs));
     if let Some(r) = &s.retry {

@@ -57,7 +57,8 @@ pub struct Notification {
     /// Unique, and per user increasing in the order notifications become visible.
     #[schema(example = 1042)]
     pub id: i64,
-    /// `new_message`, `status_change`, `system_alert`, or a type added later.
+    /// `new_message`, `status_change`, `system_alert`, `security_alert`, `digest`, or a
+    /// type added later.
     #[schema(example = "new_message")]
     pub event_type: String,
     /// Plain text, at most 1,000 characters.
@@ -74,6 +75,30 @@ pub struct Notification {
     #[serde(serialize_with = "rfc3339::serialize_option")]
     #[schema(example = json!(null))]
     pub read_at: Option<DateTime<Utc>>,
+    /// For a `digest` notification, what it sums up; null for every other notification.
+    #[schema(example = json!(null))]
+    pub digest: Option<Digest>,
+}
+
+/// What a digest notification sums up: the events the rate limit (or a type's cap) held
+/// back since the user's previous digest. Its `body` says the same in words ("12 more
+/// notifications while you were away: 9 new messages, 3 status changes").
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
+pub struct Digest {
+    /// How many events were held back.
+    #[schema(example = 12)]
+    pub total: i64,
+    /// Held back events per event type.
+    #[schema(example = json!({"new_message": 9, "status_change": 3}))]
+    pub counts: std::collections::BTreeMap<String, i64>,
+    /// When the first of them was held back (RFC 3339, UTC, microseconds).
+    #[serde(serialize_with = "rfc3339::serialize")]
+    #[schema(example = "2026-11-22T08:00:00.123456Z")]
+    pub first_at: DateTime<Utc>,
+    /// When the last of them was held back (RFC 3339, UTC, microseconds).
+    #[serde(serialize_with = "rfc3339::serialize")]
+    #[schema(example = "2026-11-22T08:40:00.123456Z")]
+    pub last_at: DateTime<Utc>,
 }
 
 /// The answer of both notification endpoints.
@@ -534,6 +559,7 @@ mod tests {
                 link: None,
                 created_at: t,
                 read_at: Some(t),
+                digest: None,
             };
             serde_json::to_value(&n).unwrap()
         };

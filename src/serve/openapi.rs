@@ -44,6 +44,7 @@ Reconnect with `Last-Event-ID` (browsers do) to get exactly what was missed. Bro
     ),
     components(schemas(
         api::Notification,
+        api::Digest,
         api::NotificationPage,
         api::Health,
         api::Readiness,

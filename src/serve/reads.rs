@@ -32,7 +32,7 @@ pub enum Feed {
 macro_rules! page_after {
     ($filter:literal) => {
         concat!(
-            "SELECT id, event_type, body, link, created_at, read_at
+            "SELECT id, event_type, body, link, created_at, read_at, digest
              FROM notify.notifications
              WHERE user_id = $1 AND id > $2",
             $filter,
@@ -47,7 +47,7 @@ macro_rules! page_after {
 macro_rules! page_latest {
     ($filter:literal) => {
         concat!(
-            "SELECT id, event_type, body, link, created_at, read_at
+            "SELECT id, event_type, body, link, created_at, read_at, digest
              FROM notify.notifications
              WHERE user_id = $1",
             $filter,
@@ -65,7 +65,7 @@ macro_rules! with_snapshot {
             $page,
             ")
              SELECT m.newest, m.newest_unread, m.unread, m.horizon,
-                    p.id, p.event_type, p.body, p.link, p.created_at, p.read_at
+                    p.id, p.event_type, p.body, p.link, p.created_at, p.read_at, p.digest
              FROM (SELECT
                      (SELECT max(id) FROM notify.notifications
                       WHERE user_id = $1) AS newest,
@@ -166,7 +166,7 @@ pub async fn page_with_snapshot(
 }
 
 /// The notifications of a page as the database sent them, written straight into the
-/// response (no per-row structs, no string copies). Columns `first..first + 6` of each
+/// response (no per-row structs, no string copies). Columns `first..first + 7` of each
 /// row are the [`super::api::Notification`] fields, in the order of the queries above.
 #[derive(Default)]
 pub struct PageRows {
@@ -227,7 +227,7 @@ impl Serialize for RowJson<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let RowJson(row, at) = *self;
         let get = |e: sqlx::Error| S::Error::custom(e);
-        let mut n = s.serialize_struct("Notification", 6)?;
+        let mut n = s.serialize_struct("Notification", 7)?;
         n.serialize_field("id", &row.try_get::<i64, _>(at).map_err(get)?)?;
         n.serialize_field("event_type", row.try_get::<&str, _>(at + 1).map_err(get)?)?;
         n.serialize_field("body", row.try_get::<&str, _>(at + 2).map_err(get)?)?;
@@ -239,6 +239,8 @@ impl Serialize for RowJson<'_> {
         n.serialize_field("created_at", &Rfc3339(Some(created)))?;
         let read: Option<DateTime<Utc>> = row.try_get(at + 5).map_err(get)?;
         n.serialize_field("read_at", &Rfc3339(read))?;
+        let digest: Option<serde_json::Value> = row.try_get(at + 6).map_err(get)?;
+        n.serialize_field("digest", &digest)?;
         n.end()
     }
 }

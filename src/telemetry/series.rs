@@ -11,6 +11,11 @@
 //!   `pipeline::Tally`. `failed` covers refused jobs (bad payload, missing event: final)
 //!   and the jobs of a batch that rolled back (claimed again later);
 //!   `notifyd_job_failures_total{kind}` tells the two apart (`permanent`, `transient`).
+//! * `notifyd_suppressed_total{event_type}` (the `rate_limited` answers by type, per-type
+//!   caps included) and `notifyd_critical_deliveries_total` (stored events of critical
+//!   types): from `pipeline::Tally`, like `notifyd_events_total`.
+//! * `notifyd_digests_sent_total` and `notifyd_digest_events_total` (the suppressed events
+//!   they summed up): once per committed digest sweep transaction (`digest::run_once`).
 //! * `notifyd_claim_wait_seconds`: from the moment a job was enqueued (the time in its ULID,
 //!   or its `run_at` if later) to the moment a worker starts it. With no backlog this is the
 //!   enqueue-to-claim latency; with a backlog it is the queue wait. A retried or rescued job
@@ -57,6 +62,10 @@ pub const WORKER_RESTARTS: &str = "notifyd_worker_restarts_total";
 pub const HTTP_REQUESTS: &str = "notifyd_http_requests_total";
 pub const HTTP_SECONDS: &str = "notifyd_http_request_duration_seconds";
 pub const STREAMS_OPEN: &str = "notifyd_streams_open";
+pub const SUPPRESSED: &str = "notifyd_suppressed_total";
+pub const CRITICAL_DELIVERIES: &str = "notifyd_critical_deliveries_total";
+pub const DIGESTS_SENT: &str = "notifyd_digests_sent_total";
+pub const DIGEST_EVENTS: &str = "notifyd_digest_events_total";
 
 const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
@@ -167,6 +176,19 @@ fn describe() {
     describe_counter!(
         WORKER_RESTARTS,
         "Restarts of the apalis worker after it stopped on its own"
+    );
+    describe_counter!(
+        SUPPRESSED,
+        "Events held back by the rate limit or their type's cap, by event type"
+    );
+    describe_counter!(
+        CRITICAL_DELIVERIES,
+        "Notifications stored for events of critical types"
+    );
+    describe_counter!(DIGESTS_SENT, "Digest notifications stored");
+    describe_counter!(
+        DIGEST_EVENTS,
+        "Suppressed events summed up in the digests stored"
     );
     describe_counter!(HTTP_REQUESTS, "HTTP requests, by method, route and status");
     describe_histogram!(HTTP_SECONDS, "HTTP request latency in seconds");

@@ -174,8 +174,8 @@ function dups(list) {
 }
 
 // The DOM inside #list must be the page's own markup only: these tags, these attributes.
-const OWN_TAGS = new Set(['LI', 'DIV', 'SPAN', 'TIME', 'P', 'A']);
-const OWN_ATTRS = new Set(['class', 'data-id', 'datetime', 'href', 'rel']);
+const OWN_TAGS = new Set(['LI', 'DIV', 'SPAN', 'TIME', 'P', 'A', 'UL']);
+const OWN_ATTRS = new Set(['class', 'data-id', 'data-type', 'datetime', 'href', 'rel']);
 
 async function assertOwnMarkupOnly(page) {
   const report = await page.evaluate(
@@ -442,6 +442,45 @@ async function scenarioXss(page) {
   );
 }
 
+// A digest (what the rate limit held back) shows its counts per type, as text; a type name
+// that is markup stays text. Written straight into notify.notifications, as the worker's
+// sweep writes it, and announced the same way.
+async function scenarioDigest(page) {
+  const hostile = '<img src=x onerror=window.__pwned=1>';
+  const digest = {
+    total: 13,
+    counts: { new_message: 9, status_change: 3, [hostile]: 1 },
+    first_at: new Date().toISOString(),
+    last_at: new Date().toISOString(),
+  };
+  const body = '13 more notifications while you were away: 9 new messages, 3 status changes';
+  await db.query('BEGIN');
+  const r = await db.query(
+    `INSERT INTO notify.notifications (user_id, event_id, event_type, body, created_at, digest)
+     VALUES ($1, NULL, 'digest', $2, now(), $3::jsonb) RETURNING id`,
+    [USER, body, JSON.stringify(digest)],
+  );
+  const id = Number(r.rows[0].id);
+  await db.query("SELECT pg_notify('notifyd_notifications', $1)", [JSON.stringify([[USER, id]])]);
+  await db.query('COMMIT');
+  await waitShown(page, await dbIds(), 10000);
+  const shown = await page.$eval(`#list > li[data-id="${id}"]`, (li) => ({
+    type: li.querySelector('.type').textContent,
+    body: li.querySelector('.body').textContent,
+    counts: [...li.querySelectorAll('.digest > li')].map((e) => [e.dataset.type, e.textContent]),
+  }));
+  check(shown.type === 'While you were away', `digest label ${JSON.stringify(shown.type)}`);
+  check(shown.body === body, `digest body ${JSON.stringify(shown.body)}`);
+  const want = [
+    ['new_message', '9 \u00d7 New message'],
+    ['status_change', '3 \u00d7 Status change'],
+    [hostile, `1 \u00d7 ${hostile}`],
+  ];
+  check(JSON.stringify(shown.counts) === JSON.stringify(want), `digest counts ${JSON.stringify(shown.counts)}`);
+  await assertOwnMarkupOnly(page);
+  log('digest: counts per type rendered as text');
+}
+
 async function scenarioRestart(page) {
   await waitStatus(page, 'live', 20000);
   const before = await waitShown(page, await dbIds(), 5000);
@@ -586,6 +625,7 @@ const SCENARIOS = [
   ['appear latency', scenarioAppearLatency],
   ['xss corpus', scenarioXss],
   ['desktop notifications', scenarioDesktop],
+  ['digest', scenarioDigest],
   ['kill and restart serve', scenarioRestart],
   ['reload', scenarioReload],
 ];

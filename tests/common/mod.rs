@@ -339,3 +339,12 @@ pub async fn process(r: &Runner, ids: &[i64]) -> Vec<Outcome> {
         .map(|a| a.expect("no job is refused"))
         .collect()
 }
+
+/// A worker [`Processor`] on `pool` under the registered instance name `name`, for tests
+/// that drive the worker's own claim ([`Processor::run_once`]) to an empty queue.
+pub async fn processor(pool: &PgPool, rate: RateLimit, name: &str) -> Processor {
+    maintenance::register(pool, name)
+        .await
+        .expect("register the worker instance");
+    Processor::new(pool.clone(), Pipeline::new(rate), name)
+}

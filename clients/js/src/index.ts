@@ -21,7 +21,7 @@ import { authedGet, backoff, claims, Engine, sleep, Tokens } from './engine.js';
 import type { EngineOptions, Sink } from './engine.js';
 import type { Connection, Notification, Page } from './types.js';
 
-export type { Connection, Notification, Page } from './types.js';
+export type { Connection, Digest, Notification, Page } from './types.js';
 
 export interface Options {
   /** Returns the backend's JWT for this user (called again before it expires, and on a 401). */

@@ -6,6 +6,16 @@ export interface Notification {
   link: string | null;
   created_at: string;
   read_at: string | null;
+  /** For a `digest` notification, what it sums up; null for every other one. */
+  digest?: Digest | null;
+}
+
+/** What a digest notification sums up: events the rate limit held back, per type. */
+export interface Digest {
+  total: number;
+  counts: Record<string, number>;
+  first_at: string;
+  last_at: string;
 }
 
 /** A page of `GET /api/notifications`. */

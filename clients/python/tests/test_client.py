@@ -152,6 +152,23 @@ def test_a_refused_value_aborts_the_transaction_unless_in_a_savepoint(pg: psycop
     assert count(pg, "SELECT count(*) FROM notify.events") == 1
 
 
+def test_a_critical_type_cannot_be_switched_off(kind: Any, pg: psycopg.Connection) -> None:
+    with kind() as (conn, commit, _rollback):
+        notifyd.set_preference(conn, "42", "security_alert", True)
+        commit()
+    for event_type in ("security_alert", "digest"):
+        with kind() as (conn, _commit, rollback):
+            with pytest.raises(notifyd.TypeAlwaysOn) as refused:
+                notifyd.set_preference(conn, "42", event_type, False)
+            rollback()
+        assert refused.value.constraint == "preferences_type_always_on"
+        assert refused.value.sqlstate == "23514"
+        assert isinstance(refused.value, notifyd.InvalidEvent)
+    assert pg.execute(
+        "SELECT enabled FROM notify.preferences WHERE user_id = '42' AND event_type = 'security_alert'"
+    ).fetchone() == (True,)
+
+
 def test_preferences_outcomes_and_read_state_after_the_worker(kind: Any, db_url: str, pg: psycopg.Connection) -> None:
     with kind() as (conn, commit, _rollback):
         notifyd.set_preference(conn, "42", "status_change", False)

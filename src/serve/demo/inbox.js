@@ -16,6 +16,8 @@
 //   #status  text is live | polling | reconnecting | error
 //   #unread  the unread count
 //   #role    leader (this tab holds the connection) | follower
+//   a digest's <li> also holds <ul class="digest"> with one <li data-type="<event_type>">
+//   per type it sums up (its count and the type's label)
 import { createNotifications } from '/demo/notifyd-client.js';
 
 const TITLE = document.title;
@@ -30,7 +32,13 @@ const el = {
 };
 // The client's connection states, as this page names them.
 const STATUS = { connecting: 'reconnecting', live: 'live', polling: 'polling', reconnecting: 'reconnecting', error: 'error', closed: 'error' };
-const LABELS = { new_message: 'New message', status_change: 'Status change', system_alert: 'System alert' };
+const LABELS = {
+  new_message: 'New message',
+  status_change: 'Status change',
+  system_alert: 'System alert',
+  security_alert: 'Security alert',
+  digest: 'While you were away',
+};
 const label = (t) => (typeof t === 'string' && Object.prototype.hasOwnProperty.call(LABELS, t) ? LABELS[t] : String(t));
 
 // The href to render for `link`, or null for no link at all. Accepted: a path on this
@@ -53,6 +61,18 @@ function safeHref(link) {
   if (url.protocol !== 'http:' && url.protocol !== 'https:') return null;
   if (url.username !== '' || url.password !== '') return null;
   return url.href;
+}
+
+// A digest's counts as [event_type, count] pairs, largest first; [] for anything that is
+// not a digest object with whole-number counts.
+function digestCounts(digest) {
+  if (digest === null || typeof digest !== 'object' || typeof digest.counts !== 'object' || digest.counts === null) return [];
+  const pairs = [];
+  for (const [type, n] of Object.entries(digest.counts)) {
+    if (Number.isSafeInteger(n) && n > 0) pairs.push([type, n]);
+  }
+  pairs.sort((a, b) => b[1] - a[1] || (a[0] < b[0] ? -1 : 1));
+  return pairs;
 }
 
 function render(item) {
@@ -78,6 +98,18 @@ function render(item) {
   body.className = 'body';
   body.textContent = typeof item.body === 'string' ? item.body : '';
   li.appendChild(body);
+  const counts = digestCounts(item.digest);
+  if (counts.length > 0) {
+    const ul = document.createElement('ul');
+    ul.className = 'digest';
+    for (const [type, n] of counts) {
+      const entry = document.createElement('li');
+      entry.dataset.type = type;
+      entry.textContent = n + ' \u00d7 ' + label(type);
+      ul.appendChild(entry);
+    }
+    li.appendChild(ul);
+  }
   const href = safeHref(item.link);
   if (href !== null) {
     const a = document.createElement('a');

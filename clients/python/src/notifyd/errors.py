@@ -22,6 +22,7 @@ __all__ = [
     "UnsafeLink",
     "InvalidUserId",
     "InvalidIdempotencyKey",
+    "TypeAlwaysOn",
     "error_from",
 ]
 
@@ -88,6 +89,12 @@ class InvalidIdempotencyKey(InvalidEvent):
     rule = "idempotency_key must be NULL or 1 to 255 characters"
 
 
+class TypeAlwaysOn(InvalidEvent):
+    """A preference tried to switch off a critical event type, or digests."""
+
+    rule = "a critical event type (notify.event_types.critical) and digest cannot be switched off"
+
+
 _BY_CONSTRAINT: Dict[str, Type[InvalidEvent]] = {
     "events_event_type_known": UnknownEventType,
     "preferences_event_type_known": UnknownEventType,
@@ -96,6 +103,7 @@ _BY_CONSTRAINT: Dict[str, Type[InvalidEvent]] = {
     "events_user_id_valid": InvalidUserId,
     "preferences_user_id_valid": InvalidUserId,
     "events_idempotency_key_length": InvalidIdempotencyKey,
+    "preferences_type_always_on": TypeAlwaysOn,
 }
 
 # NOT NULL violations name the column, not a constraint.
