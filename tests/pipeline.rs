@@ -29,7 +29,7 @@ async fn apply_batch(
     now: Option<chrono::DateTime<chrono::Utc>>,
 ) -> Result<Vec<Decision>, sqlx::Error> {
     let mut tx = pool.begin().await?;
-    let decisions = notifyd::store::apply_in(&mut tx, batch, &[], rate, now).await?;
+    let decisions = notifyd::store::apply_in(&mut tx, batch, rate, now).await?;
     tx.commit().await?;
     Ok(decisions)
 }
