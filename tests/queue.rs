@@ -600,3 +600,72 @@ async fn a_failed_batch_backs_off_in_queue_later_then_ends_in_queue_dead() {
     );
     assert!(matches!(p.run_once(10).await.unwrap(), Step::EmptyQueue));
 }
+
+/// A backend transaction in REPEATABLE READ (or SERIALIZABLE) sees `notify.queue_slots` as
+/// of its snapshot, so its enqueue can write into a slot that stopped being current long
+/// ago, even one drained and truncated since (it held no lock on it until that INSERT).
+/// The job must still be claimed: the next tick finds the clean slot holding it and puts
+/// it back to draining, instead of leaving it until that slot's turn comes again (slot 3
+/// is the last one the rotation picks, so under normal operation it might never come).
+#[tokio::test]
+async fn a_repeatable_read_backend_writing_into_a_stale_slot_does_not_strand_its_job() {
+    let db = TestDb::new().await;
+    set_slot_secs(&db.pool, 1).await;
+    let p = processor(&db).await;
+    sqlx::query(
+        "UPDATE notify.queue_slots SET state = CASE slot WHEN 3 THEN 'current' ELSE 'clean' END",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+
+    let mut backend = PgConnection::connect(&db.url).await.unwrap();
+    sqlx::query("BEGIN ISOLATION LEVEL REPEATABLE READ")
+        .execute(&mut backend)
+        .await
+        .unwrap();
+    sqlx::query("SELECT count(*) FROM notify.notifications")
+        .execute(&mut backend)
+        .await
+        .unwrap();
+
+    // Slot 3 drains, is seen empty and is truncated (the backend holds no lock on it).
+    backdate(&db.pool).await;
+    assert_eq!(tick(&db.pool).await.rotated_to, Some(0));
+    assert_eq!(tick(&db.pool).await.truncated, 1);
+    assert_eq!(
+        states(&db.pool).await,
+        ["current", "clean", "clean", "clean"]
+    );
+
+    let id: i64 = sqlx::query_scalar(
+        "INSERT INTO notify.events (user_id, event_type, body)
+         VALUES ('42', 'new_message', 'from an old snapshot') RETURNING id",
+    )
+    .fetch_one(&mut backend)
+    .await
+    .unwrap();
+    sqlx::query("COMMIT").execute(&mut backend).await.unwrap();
+    assert_eq!(
+        place_of(&db.pool, id).await.as_deref(),
+        Some("3"),
+        "the trigger read the slots as of the snapshot"
+    );
+
+    tick(&db.pool).await;
+    assert_eq!(
+        states(&db.pool).await[3],
+        "draining",
+        "a clean slot holding a job is claimed from again"
+    );
+    let Step::Processed(answers) = p.run_once(10).await.unwrap() else {
+        panic!("the job written into the stale slot is claimable");
+    };
+    assert!(
+        matches!(answers[..], [Ok(Outcome::Stored { .. })]),
+        "{answers:?}"
+    );
+    assert_eq!(tick(&db.pool).await.truncated, 1);
+    assert_eq!(states(&db.pool).await[3], "clean");
+    assert_exactly_once(&db, 1).await;
+}
