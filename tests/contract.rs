@@ -1,6 +1,6 @@
 //! The enqueue contract (jobs/README.md): what `notify.events` refuses at INSERT time and
 //! with which constraint, idempotency, transactions, and the one-job-per-event bridge to
-//! the apalis queue.
+//! notifyd's queue (`notify.queue_*`).
 
 mod common;
 
@@ -991,8 +991,8 @@ async fn values_that_slip_past_the_constraints_end_invalid_with_a_reason() {
     );
 }
 
-/// The first payload `listener` hears on apalis's insert channel (or the test's own) after an event is
-/// enqueued, with a marker sent (and committed) right after the enqueue: notifications
+/// The first payload heard on apalis's old insert channel (or the test's own) after an
+/// event is enqueued, with a marker sent (and committed) right after the enqueue: notifications
 /// arrive in commit order, so the marker comes first exactly when the enqueue sent nothing.
 async fn first_heard_after_enqueue(db: &TestDb, marker: &str) -> String {
     let mut listener = sqlx::postgres::PgListener::connect_with(&db.pool)

@@ -444,6 +444,22 @@ async fn higher_priority_jobs_are_claimed_first() {
             .await
             .unwrap();
     assert_eq!(stored, 5);
+
+    // Priority orders jobs within a slot; across slots the current one comes first. A
+    // message left in a draining slot behind a broadcast in the current one is still
+    // found at once by a claim with a minimum priority (the express lane).
+    set_slot_secs(&db.pool, 1).await;
+    let late_message = enqueue_many(&db.pool, "new_message", 1).await[0];
+    backdate(&db.pool).await;
+    let to = tick(&db.pool).await.rotated_to.expect("a rotation");
+    let broadcast = enqueue_many(&db.pool, "system_alert", 200).await;
+    assert_eq!(place_of(&db.pool, broadcast[0]).await, Some(to.to_string()));
+    let express = backend::claim_due(&db.pool, 10, 100)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(express.events(), [late_message]);
+    express.take().unwrap().rollback().await.unwrap();
 }
 
 /// (5) An event due beyond the slot period waits in `queue_later`, out of every claim and
