@@ -1,6 +1,6 @@
 //! The enqueue contract (jobs/README.md): what `notify.events` refuses at INSERT time and
 //! with which constraint, idempotency, transactions, and the one-job-per-event bridge to
-//! the apalis queue.
+//! notifyd's queue (`notify.queue_*`).
 
 mod common;
 
@@ -77,8 +77,7 @@ async fn events_count(db: &TestDb) -> i64 {
 }
 
 async fn jobs_count(db: &TestDb) -> i64 {
-    db.count("SELECT count(*) FROM apalis.jobs WHERE job_type = 'notifyd.events'")
-        .await
+    db.count("SELECT count(*) FROM notify.queue").await
 }
 
 async fn outcome_of(pool: &PgPool, id: i64) -> (Option<String>, Option<String>) {
@@ -609,8 +608,8 @@ async fn a_rolled_back_enqueue_leaves_no_event_and_no_job() {
     .unwrap();
     // Inside the transaction the job exists (same transaction as the event) ...
     let jobs_inside: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM apalis.jobs WHERE idempotency_key = $1")
-            .bind(format!("event:{id}"))
+        sqlx::query_scalar("SELECT count(*) FROM notify.queue WHERE event_id = $1")
+            .bind(id)
             .fetch_one(&mut *tx)
             .await
             .unwrap();
@@ -636,14 +635,12 @@ async fn a_rolled_back_enqueue_leaves_no_event_and_no_job() {
     );
 }
 
-/// Every event gets exactly one job in `notifyd.events` whose payload names it.
+/// Every event gets exactly one job in the queue (a slot or `queue_later`) that names it.
 async fn assert_one_job_per_event(db: &TestDb) {
     let rows: Vec<(i64, i64)> = sqlx::query_as(
-        "SELECT e.id, count(j.id)
+        "SELECT e.id, count(j.event_id)
          FROM notify.events AS e
-         LEFT JOIN apalis.jobs AS j
-                ON j.job_type = 'notifyd.events'
-               AND convert_from(j.job, 'UTF8')::jsonb = jsonb_build_object('event_id', e.id)
+         LEFT JOIN notify.queue AS j ON j.event_id = e.id
          GROUP BY e.id ORDER BY e.id",
     )
     .fetch_all(&db.pool)
@@ -668,34 +665,29 @@ async fn each_event_gets_exactly_one_job() {
     .await
     .unwrap();
     assert_one_job_per_event(&db).await;
-    // The job is exactly what the worker expects, due when the event is.
-    let (payload, status, attempts, max_attempts, key, same_run_at): (
-        Vec<u8>,
-        String,
-        i32,
-        i32,
-        String,
-        bool,
-    ) = sqlx::query_as(
-        "SELECT j.job, j.status, j.attempts, j.max_attempts, j.idempotency_key,
-                j.run_at = e.run_at
-         FROM apalis.jobs AS j JOIN notify.events AS e ON j.idempotency_key = 'event:' || e.id
+    // The job is exactly what the worker expects: due when the event is, in the current
+    // slot (or, not due within a slot period, in queue_later), with no attempt yet and the
+    // priority of its event type.
+    let (place, attempts, priority, same_run_at): (String, i16, i16, bool) = sqlx::query_as(
+        "SELECT j.place, j.attempts, j.priority, j.run_at = e.run_at
+         FROM notify.queue AS j JOIN notify.events AS e ON j.event_id = e.id
          WHERE e.id = $1",
     )
     .bind(single)
     .fetch_one(&db.pool)
     .await
     .unwrap();
-    assert_eq!(payload, format!("{{\"event_id\":{single}}}").into_bytes());
-    assert_eq!(status, "Pending");
-    assert_eq!((attempts, max_attempts), (0, 5));
-    assert_eq!(key, format!("event:{single}"));
+    assert_eq!(place, "0", "slot 0 is current in a fresh database");
+    assert_eq!(attempts, 0);
+    assert_eq!(priority, 100, "new_message's priority");
     assert!(same_run_at);
     let mismatched = db
         .count(
-            "SELECT count(*) FROM apalis.jobs AS j
-             JOIN notify.events AS e ON j.idempotency_key = 'event:' || e.id
-             WHERE j.run_at <> e.run_at OR j.status <> 'Pending'",
+            "SELECT count(*) FROM notify.queue AS j
+             JOIN notify.events AS e ON j.event_id = e.id
+             JOIN notify.event_types AS t ON t.name = e.event_type
+             WHERE j.run_at <> e.run_at OR j.attempts <> 0 OR j.priority <> t.priority
+                OR (j.place = 'later') <> (e.run_at > now() + interval '1 minute')",
         )
         .await;
     assert_eq!(mismatched, 0);
@@ -717,9 +709,10 @@ async fn an_insert_select_of_1000_events_creates_1000_jobs() {
     assert_eq!(jobs_count(&db).await, 1000);
     assert_one_job_per_event(&db).await;
     assert_eq!(
-        db.count("SELECT count(DISTINCT id) FROM apalis.jobs").await,
+        db.count("SELECT count(DISTINCT event_id) FROM notify.queue_0")
+            .await,
         1000,
-        "distinct job ids"
+        "all in the current slot, one per event"
     );
 }
 
@@ -736,48 +729,43 @@ async fn a_future_run_at_is_not_claimed_before_its_time() {
     let due = db.enqueue("42", "system_alert", "now").await;
     let in_future = db
         .count(
-            "SELECT count(*) FROM apalis.jobs AS j JOIN notify.events AS e
-               ON j.idempotency_key = 'event:' || e.id
+            "SELECT count(*) FROM notify.queue_later AS j JOIN notify.events AS e
+               ON j.event_id = e.id
              WHERE j.run_at = e.run_at AND j.run_at > now() + interval '59 minutes'",
         )
         .await;
-    assert_eq!(in_future, 1, "the delayed job carries the event's run_at");
+    assert_eq!(
+        in_future, 1,
+        "the delayed job waits in queue_later with the event's run_at"
+    );
 
     // Claim the way the worker does (`claim_due`: row locks, SKIP LOCKED, due jobs only):
     // only the due job comes. Each claim is dropped unprocessed here, which rolls it back,
     // so the jobs are deleted by hand to see what the next claim takes.
     let claim = || async {
-        let batch = notifyd::claim::backend::claim_due(&db.pool, 100)
+        let batch = notifyd::claim::backend::claim_due(&db.pool, 100, i16::MIN)
             .await
             .unwrap();
-        let jobs: Vec<Vec<u8>> = batch
-            .map(|b| b.jobs.iter().map(|j| j.job.clone()).collect())
-            .unwrap_or_default();
-        for job in &jobs {
-            sqlx::query("DELETE FROM apalis.jobs WHERE job = $1")
-                .bind(job)
-                .execute(&db.pool)
-                .await
-                .unwrap();
-        }
-        jobs
+        let events: Vec<i64> = batch.map(|b| b.events()).unwrap_or_default();
+        sqlx::query("DELETE FROM notify.queue_0 WHERE event_id = ANY($1)")
+            .bind(&events)
+            .execute(&db.pool)
+            .await
+            .unwrap();
+        events
     };
-    assert_eq!(
-        claim().await,
-        vec![format!("{{\"event_id\":{due}}}").into_bytes()]
-    );
+    assert_eq!(claim().await, vec![due]);
     assert!(claim().await.is_empty(), "nothing else is due");
-    // Once its time has come, the delayed one is claimed too.
-    sqlx::query(
-        "UPDATE apalis.jobs SET run_at = now() - interval '1 second' WHERE status = 'Pending'",
-    )
-    .execute(&db.pool)
-    .await
-    .unwrap();
-    assert_eq!(
-        claim().await,
-        vec![format!("{{\"event_id\":{later}}}").into_bytes()]
-    );
+    // Once its time has come, a rotation tick moves the delayed one into the current slot,
+    // and it is claimed too.
+    sqlx::query("UPDATE notify.queue_later SET run_at = now() - interval '1 second'")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    assert!(claim().await.is_empty(), "queue_later is never claimed");
+    let tick = notifyd::claim::rotation::tick(&db.pool).await.unwrap();
+    assert_eq!(tick.moved, 1);
+    assert_eq!(claim().await, vec![later]);
 }
 
 #[tokio::test]
@@ -797,37 +785,54 @@ async fn id_cannot_be_supplied() {
     assert_eq!(events_count(&db).await, 0);
 }
 
+/// A queue row is typed (an event id, a priority, a time, a count), so no payload can be
+/// malformed; the one bad job there can be is a row whose event does not exist (written
+/// by hand, or its event deleted by retention). It is refused for good: it leaves the slot
+/// for `notify.queue_dead` with the reason, and the batch around it is processed.
 #[tokio::test]
-async fn a_job_row_with_a_non_ulid_id_is_refused() {
+async fn a_queue_row_for_a_missing_event_is_refused_into_queue_dead() {
     let db = TestDb::new().await;
-    for id in [
-        "not-a-ulid",
-        "",
-        "01hzy3m5k8q9r2s4t6v8w0x1y2", // lower case
-        "81HZY3M5K8Q9R2S4T6V8W0X1Y2", // first character out of range
-        "01HZY3M5K8Q9R2S4T6V8W0X1Y",  // 25 characters
-        "01HZY3M5K8Q9R2S4T6V8W0X1YU", // U is not Crockford base32
-        "6f9619ff-8b86-d011-b42d-00cf4fc964ff",
-    ] {
-        assert_refused(
-            sqlx::query(
-                "INSERT INTO apalis.jobs (job, id, job_type) VALUES ('{\"event_id\":1}', $1, 'notifyd.events')",
-            )
-            .bind(id)
-            .execute(&db.pool)
-            .await,
-            "23514",
-            Some("notifyd_job_id_is_ulid"),
-            &format!("job id {id:?}"),
-        );
-    }
-    // A real ULID passes, which is what the trigger writes.
-    sqlx::query(
-        "INSERT INTO apalis.jobs (job, id, job_type) VALUES ('x', apalis.generate_ulid(), 'other.queue')",
+    let good = db.enqueue("42", "new_message", "fine").await;
+    sqlx::query("INSERT INTO notify.queue_0 (event_id, run_at) VALUES (987654321, now())")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let processor = notifyd::claim::Processor::new(
+        db.pool.clone(),
+        notifyd::pipeline::Pipeline::new(Default::default()),
+        "contract-test",
+    );
+    notifyd::claim::maintenance::register(&db.pool, "contract-test")
+        .await
+        .unwrap();
+    let notifyd::claim::Step::Processed(answers) = processor.run_once(100).await.unwrap() else {
+        panic!("two jobs were due");
+    };
+    assert_eq!(answers.len(), 2);
+    assert_eq!(
+        answers.iter().filter(|a| a.is_err()).count(),
+        1,
+        "{answers:?}"
+    );
+    let (attempts, reason, worker): (i16, String, Option<String>) = sqlx::query_as(
+        "SELECT attempts, reason, worker FROM notify.queue_dead WHERE event_id = 987654321",
     )
-    .execute(&db.pool)
+    .fetch_one(&db.pool)
     .await
     .unwrap();
+    assert_eq!(attempts, 1);
+    assert!(
+        reason.contains("event 987654321 does not exist"),
+        "{reason}"
+    );
+    assert_eq!(worker.as_deref(), Some("contract-test"));
+    assert_eq!(db.live_jobs().await, 0, "both jobs left the queue");
+    assert_eq!(
+        db.count("SELECT count(*) FROM notify.notifications").await,
+        1
+    );
+    let (outcome, _) = outcome_of(&db.pool, good).await;
+    assert_eq!(outcome.as_deref(), Some("stored"));
 }
 
 #[tokio::test]
@@ -986,14 +991,17 @@ async fn values_that_slip_past_the_constraints_end_invalid_with_a_reason() {
     );
 }
 
-/// The first payload `listener` hears on apalis's insert channel after an event is
-/// enqueued, with a marker sent (and committed) right after the enqueue: notifications
+/// The first payload heard on apalis's old insert channel (or the test's own) after an
+/// event is enqueued, with a marker sent (and committed) right after the enqueue: notifications
 /// arrive in commit order, so the marker comes first exactly when the enqueue sent nothing.
 async fn first_heard_after_enqueue(db: &TestDb, marker: &str) -> String {
     let mut listener = sqlx::postgres::PgListener::connect_with(&db.pool)
         .await
         .unwrap();
-    listener.listen("apalis::job::insert").await.unwrap();
+    listener
+        .listen_all(["apalis::job::insert", "notifyd_test_enqueue"])
+        .await
+        .unwrap();
     db.enqueue("42", "new_message", "hello").await;
     sqlx::query("SELECT pg_notify('apalis::job::insert', $1)")
         .bind(marker)
@@ -1008,8 +1016,9 @@ async fn first_heard_after_enqueue(db: &TestDb, marker: &str) -> String {
 }
 
 /// Enqueuing sends no NOTIFY (migration 20261201000003): one would make every enqueuing
-/// transaction commit one at a time. The check also catches an apalis-postgres upgrade
-/// that brings its per-row trigger back, and the worker's start-up check finds it.
+/// transaction commit one at a time. The queue's own trigger sends none; a trigger that
+/// someone adds on a queue table and that sends one is found by the worker's start-up check
+/// (`db::enqueue_notify_triggers`), and heard.
 #[tokio::test]
 async fn enqueue_sends_no_notify() {
     let db = TestDb::new().await;
@@ -1021,16 +1030,31 @@ async fn enqueue_sends_no_notify() {
     );
     assert_eq!(first_heard_after_enqueue(&db, "marker-1").await, "marker-1");
 
-    // With apalis's trigger enabled again, both the check and the listener notice.
+    // apalis's old per-row trigger enabled again changes nothing: apalis.jobs is no
+    // longer written.
     sqlx::query("ALTER TABLE apalis.jobs ENABLE TRIGGER notify_workers")
         .execute(&db.pool)
         .await
         .unwrap();
     assert_eq!(
+        first_heard_after_enqueue(&db, "marker-apalis").await,
+        "marker-apalis"
+    );
+    // A trigger on the current slot that sends one: both the check and the listener notice.
+    sqlx::raw_sql(
+        "CREATE FUNCTION notify.test_wake() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN PERFORM pg_notify('notifyd_test_enqueue', 'notifyd.events'); RETURN NULL; END $$;
+         CREATE TRIGGER notify_workers AFTER INSERT ON notify.queue_0
+             FOR EACH STATEMENT EXECUTE FUNCTION notify.test_wake();",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
         notifyd::db::enqueue_notify_triggers(&db.pool)
             .await
             .unwrap(),
-        vec!["apalis.jobs.notify_workers".to_owned()]
+        vec!["notify.queue_0.notify_workers".to_owned()]
     );
     let heard = first_heard_after_enqueue(&db, "marker-2").await;
     assert!(heard.contains("notifyd.events"), "{heard}");

@@ -940,24 +940,24 @@ async fn sigterm_stops_the_read_service_within_the_bound() {
 
 // ------------------------------------------------------------------- poison and retries
 
-async fn insert_raw_job(pool: &sqlx::PgPool, payload: &[u8]) -> String {
-    sqlx::query_scalar(
-        "INSERT INTO apalis.jobs (job, id, job_type, status, attempts, max_attempts, run_at, priority)
-         VALUES ($1, apalis.generate_ulid(), 'notifyd.events', 'Pending', 0, 5, now(), 0)
-         RETURNING id",
-    )
-    .bind(payload)
-    .fetch_one(pool)
-    .await
-    .unwrap()
+/// A queue row for `event_id` written straight into the current slot, as a hand edit
+/// would (or left behind when its event was deleted): a queue row is typed, so the only
+/// poison it can carry is an event that does not exist.
+async fn insert_raw_job(pool: &sqlx::PgPool, event_id: i64) -> String {
+    sqlx::query("INSERT INTO notify.queue_0 (event_id, run_at) VALUES ($1, now())")
+        .bind(event_id)
+        .execute(pool)
+        .await
+        .unwrap();
+    event_id.to_string()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn poison_rows_are_failed_with_a_reason_and_operators_can_list_retry_and_discard_them() {
     let db = TestDb::new().await;
     let pool = &db.pool;
-    let bad_json = insert_raw_job(pool, br#"{"event_id":"oops"}"#).await;
-    let missing = insert_raw_job(pool, br#"{"event_id":987654321}"#).await;
+    let deleted = insert_raw_job(pool, 987654320).await;
+    let missing = insert_raw_job(pool, 987654321).await;
     enqueue(pool, "good", 10, 10).await;
     let mut w = Proc::worker(&db.url, "poison-w", &[]);
     wait_drained(pool, 100, Duration::from_secs(60), &mut [&mut w]).await;
@@ -974,15 +974,15 @@ async fn poison_rows_are_failed_with_a_reason_and_operators_can_list_retry_and_d
     assert_eq!(code, 0, "{err}");
     println!("FIGURES `notifyd jobs failed`:\n{out}");
     assert!(out.contains("2 failed jobs"), "{out}");
-    for (id, reason) in [
-        (&bad_json, "not JSON of the form"),
-        (&missing, "does not exist"),
-    ] {
+    for id in [&deleted, &missing] {
         let line = out
             .lines()
             .find(|l| l.contains(id.as_str()))
             .unwrap_or_else(|| panic!("{id} not listed:\n{out}"));
-        assert!(line.contains("refused") && line.contains(reason), "{line}");
+        assert!(
+            line.contains("refused") && line.contains("does not exist"),
+            "{line}"
+        );
     }
     let (code, json, _) = run_cli(&db.url, &["jobs", "failed", "--json"]);
     assert_eq!(code, 0);
@@ -1001,7 +1001,9 @@ async fn poison_rows_are_failed_with_a_reason_and_operators_can_list_retry_and_d
     let (code, show, _) = run_cli(&db.url, &["jobs", "show", &missing]);
     assert_eq!(code, 0);
     assert!(
-        show.contains("Killed") && show.contains("Event 987654321: not found"),
+        show.contains("failed")
+            && show.contains("dead")
+            && show.contains("Event 987654321: not found"),
         "{show}"
     );
 
@@ -1019,29 +1021,34 @@ async fn poison_rows_are_failed_with_a_reason_and_operators_can_list_retry_and_d
         "{status}"
     );
 
-    // Retry: back in the queue with attempts reset; the payload is still bad, so it is
-    // refused again (at attempt 1), and the worker carries on.
-    let (code, out, err) = run_cli(&db.url, &["jobs", "retry", &bad_json]);
+    // Retry: back in the queue with attempts reset; its event is still missing, so it is
+    // refused again (at attempt 1, by the worker), and the worker carries on.
+    let (code, out, err) = run_cli(&db.url, &["jobs", "retry", &deleted]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("retried 1 failed job"), "{out}");
     wait_for(
         Duration::from_secs(30),
         "the retried job refused again",
         || async {
-            let (status, attempts, lock): (String, i32, Option<String>) =
-                sqlx::query_as("SELECT status, attempts, lock_by FROM apalis.jobs WHERE id = $1")
-                    .bind(&bad_json)
-                    .fetch_one(pool)
-                    .await
-                    .unwrap();
-            (status == "Killed" && attempts == 1 && lock.is_some()).then_some(())
+            let row: Option<(i16, Option<String>, f64)> = sqlx::query_as(
+                "SELECT attempts, worker, extract(epoch FROM now() - failed_at)::float8
+                 FROM notify.queue_dead WHERE event_id = 987654320",
+            )
+            .fetch_optional(pool)
+            .await
+            .unwrap();
+            let queued = live_jobs(pool).await;
+            row.filter(|(attempts, worker, _)| {
+                *attempts == 1 && worker.as_deref() == Some("poison-w-0") && queued == 0
+            })
+            .map(|_| ())
         },
     )
     .await;
     // Naming a job that is not failed is an error, reported as such.
-    let (code, _, err) = run_cli(&db.url, &["jobs", "retry", "01NOTAJOB0000000000000000"]);
+    let (code, _, err) = run_cli(&db.url, &["jobs", "retry", "424242"]);
     assert_ne!(code, 0);
-    assert!(err.contains("not a failed job"), "{err}");
+    assert!(err.contains("not failed jobs"), "{err}");
 
     let (code, out, _) = run_cli(&db.url, &["jobs", "discard", "--all"]);
     assert_eq!(code, 0);
@@ -1078,67 +1085,67 @@ async fn retryable_failures_back_off_exponentially_and_the_attempt_limit_is_conf
     );
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("max attempts  4"), "{out}");
-    db.enqueue("u1", "new_message", "hello").await;
-    let (id, max): (String, i32) = sqlx::query_as(
-        "SELECT id, max_attempts FROM apalis.jobs WHERE job_type = 'notifyd.events'",
-    )
-    .fetch_one(pool)
-    .await
-    .unwrap();
-    assert_eq!(max, 4, "new events take the configured limit");
+    let id = db.enqueue("u1", "new_message", "hello").await;
 
-    // What apalis writes for a failed attempt: the trigger moves run_at out by
-    // base × 2^(attempt-1) × (0.5..1.5), capped.
-    async fn fail(pool: &sqlx::PgPool, id: &str, attempts: i32) -> f64 {
-        sqlx::query("UPDATE apalis.jobs SET status = 'Queued', lock_by = NULL WHERE id = $1")
-            .bind(id)
+    // What the worker does after a batch failed for a reason that is not transient: its
+    // transaction rolled back, and `backend::fail` counts the attempt. The job waits in
+    // queue_later for base × 2^(attempt-1) × (0.5..1.5), capped; the next attempt claims
+    // it once a tick has moved it back (due) into the current slot.
+    async fn fail(pool: &sqlx::PgPool) -> Option<f64> {
+        sqlx::query("UPDATE notify.queue_later SET run_at = now() - interval '1 second'")
             .execute(pool)
             .await
             .unwrap();
-        sqlx::query_scalar(
-            "UPDATE apalis.jobs SET status = 'Failed', attempts = $2,
-                    last_result = '{\"Err\": \"database unavailable\"}'
-             WHERE id = $1
-             RETURNING extract(epoch FROM run_at - now())::float8",
+        notifyd::claim::rotation::tick(pool).await.unwrap();
+        let batch = notifyd::claim::backend::claim_due(pool, 10, i16::MIN)
+            .await
+            .unwrap()
+            .expect("the job is due");
+        batch.take().unwrap().rollback().await.unwrap();
+        let marked = notifyd::claim::backend::fail(
+            pool,
+            "backoff-test",
+            &batch.jobs,
+            "batch failed: database unavailable",
         )
-        .bind(id)
-        .bind(attempts)
-        .fetch_one(pool)
+        .await
+        .unwrap();
+        assert_eq!(marked, 1);
+        sqlx::query_scalar(
+            "SELECT extract(epoch FROM run_at - now())::float8 FROM notify.queue_later",
+        )
+        .fetch_optional(pool)
         .await
         .unwrap()
     }
-    let d1 = fail(pool, &id, 1).await;
+    let d1 = fail(pool).await.expect("attempt 1 waits in queue_later");
     assert!((1.0..=3.0).contains(&d1), "first retry after {d1} s");
-    let d3 = fail(pool, &id, 3).await;
+    let d2 = fail(pool).await.expect("attempt 2 waits in queue_later");
+    assert!((2.0..=6.0).contains(&d2), "second retry after {d2} s");
+    let d3 = fail(pool).await.expect("attempt 3 waits in queue_later");
     assert!((4.0..=12.0).contains(&d3), "third retry after {d3} s");
-    // Exhausted: final, no new run_at; listed as failed with its reason.
-    let before: f64 = sqlx::query_scalar(
-        "SELECT extract(epoch FROM run_at)::float8 FROM apalis.jobs WHERE id = $1",
-    )
-    .bind(&id)
-    .fetch_one(pool)
-    .await
-    .unwrap();
-    let d4 = fail(pool, &id, 4).await;
-    let after: f64 = sqlx::query_scalar(
-        "SELECT extract(epoch FROM run_at)::float8 FROM apalis.jobs WHERE id = $1",
-    )
-    .bind(&id)
-    .fetch_one(pool)
-    .await
-    .unwrap();
-    assert!(
-        (after - before).abs() < 1e-3,
-        "exhausted job was delayed ({d4})"
+    let (attempts, last_error): (i16, Option<String>) =
+        sqlx::query_as("SELECT attempts, last_error FROM notify.queue_later WHERE event_id = $1")
+            .bind(id)
+            .fetch_one(pool)
+            .await
+            .unwrap();
+    assert_eq!(attempts, 3);
+    assert_eq!(
+        last_error.as_deref(),
+        Some("batch failed: database unavailable")
     );
+    // Exhausted: final, no retry; listed as failed with its reason.
+    assert_eq!(fail(pool).await, None, "an exhausted job is not retried");
+    assert_eq!(live_jobs(pool).await, 0);
     let (_, out, _) = run_cli(&db.url, &["jobs", "failed"]);
     assert!(
-        out.contains(&id) && out.contains("exhausted") && out.contains("4/4"),
+        out.contains(&id.to_string()) && out.contains("exhausted") && out.contains("4/4"),
         "{out}"
     );
     assert!(out.contains("database unavailable"), "{out}");
     println!(
-        "FIGURES backoff: retry 1 after {d1:.2} s, retry 3 after {d3:.2} s (base 2 s, ×2 per attempt, ±50%), exhausted at 4/4"
+        "FIGURES backoff: retry 1 after {d1:.2} s, retry 2 after {d2:.2} s, retry 3 after {d3:.2} s (base 2 s, ×2 per attempt, ±50%), exhausted at 4/4"
     );
 }
 

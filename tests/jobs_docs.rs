@@ -108,11 +108,7 @@ async fn enqueue_sql_runs_verbatim_and_its_events_become_the_documented_outcomes
     // What the file enqueued: 14 events (13 due, 1 delayed), one job each; the repeats of an
     // idempotency key and the rolled-back transaction added nothing.
     assert_eq!(db.count("SELECT count(*) FROM notify.events").await, 14);
-    assert_eq!(
-        db.count("SELECT count(*) FROM apalis.jobs WHERE job_type = 'notifyd.events'")
-            .await,
-        14
-    );
+    assert_eq!(db.count("SELECT count(*) FROM notify.queue").await, 14);
     assert_eq!(
         db.count(
             "SELECT count(*) FROM notify.events WHERE idempotency_key = 'message:1002:new_message'"
@@ -130,8 +126,8 @@ async fn enqueue_sql_runs_verbatim_and_its_events_become_the_documented_outcomes
     );
     assert_eq!(
         db.count(
-            "SELECT count(*) FROM apalis.jobs AS j JOIN notify.events AS e
-               ON j.idempotency_key = 'event:' || e.id
+            "SELECT count(*) FROM notify.queue_later AS j JOIN notify.events AS e
+               ON j.event_id = e.id
              WHERE e.idempotency_key = 'trial-ending:42' AND j.run_at > now() + interval '23 hours'"
         )
         .await,
@@ -504,11 +500,7 @@ async fn the_python_example_enqueues_in_the_business_transaction() {
     .unwrap();
     assert_eq!(leftovers, 0, "the rolled-back transaction left rows");
     assert_eq!(db.count("SELECT count(*) FROM notify.events").await, 1);
-    assert_eq!(
-        db.count("SELECT count(*) FROM apalis.jobs WHERE job_type = 'notifyd.events'")
-            .await,
-        1
-    );
+    assert_eq!(db.count("SELECT count(*) FROM notify.queue").await, 1);
     assert_eq!(
         db.count("SELECT count(*) FROM public.demo_messages").await,
         1

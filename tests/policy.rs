@@ -511,8 +511,9 @@ async fn racing_pipelines_never_store_more_than_the_limit() {
 }
 
 /// The same events processed by two pipelines at the same moment (a job run twice, e.g.
-/// after a rescue): exactly one notification per event, and exactly one of the two runs
-/// reports it stored. Each round hands both pipelines the whole set as one batch, so both
+/// adopted from apalis.jobs by `notifyd migrate` while a worker of an older release still
+/// ran it): exactly one notification per event, and exactly one of the two runs reports it
+/// stored. Each round hands both pipelines the whole set as one batch, so both
 /// load the events before either has committed, and the second decides under the lock
 /// after the first committed.
 #[tokio::test]

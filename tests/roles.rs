@@ -137,7 +137,7 @@ async fn every_forbidden_write_fails_and_every_needed_one_works() {
     let worker = pool_for(&db.login_as(&roles.worker).await).await;
     let reader = pool_for(&db.login_as(&roles.reader).await).await;
 
-    // The backend: the public contract (the enqueue trigger writes apalis.jobs as owner).
+    // The backend: the public contract (the enqueue trigger writes the queue as owner).
     assert_allowed(
         &backend,
         "backend",
@@ -164,7 +164,7 @@ async fn every_forbidden_write_fails_and_every_needed_one_works() {
     )
     .await;
     assert_eq!(
-        scalar(&db.pool, "SELECT count(*) FROM apalis.jobs").await,
+        scalar(&db.pool, "SELECT count(*) FROM notify.queue").await,
         1,
         "one job for one event (the repeated key added none)"
     );
@@ -173,7 +173,13 @@ async fn every_forbidden_write_fails_and_every_needed_one_works() {
         "backend",
         &[
             "SELECT 1 FROM apalis.jobs",
-            "INSERT INTO apalis.jobs (job, id, job_type) VALUES ('\\x7b7d', '01ARZ3NDEKTSV4RRFFQ69G5FAV', 'x')",
+            "SELECT 1 FROM notify.queue",
+            "SELECT 1 FROM notify.queue_0",
+            "INSERT INTO notify.queue_0 (event_id, run_at) VALUES (1, now())",
+            "INSERT INTO notify.queue_later (event_id, run_at) VALUES (1, now())",
+            "DELETE FROM notify.queue_dead",
+            "UPDATE notify.queue_slots SET state = 'clean'",
+            "SELECT * FROM notify.claim_jobs(10)",
             "DELETE FROM notify.notifications",
             "UPDATE notify.notifications SET body = 'x'",
             "INSERT INTO notify.notifications (user_id, event_id, event_type, body, created_at)
@@ -237,6 +243,20 @@ async fn every_forbidden_write_fails_and_every_needed_one_works() {
         scalar(&db.pool, "SELECT count(*) FROM notify.notifications").await,
         0
     );
+    // The rotation as the worker role: a slot period elapsed, slot 0 (now empty) drains,
+    // and on the next tick it is seen empty and truncated (TRUNCATE on the slot tables).
+    sqlx::query("UPDATE notify.queue_slots SET changed_at = now() - interval '1 hour'")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let t1 = notifyd::claim::rotation::tick(&worker)
+        .await
+        .expect("a tick as the worker");
+    assert_eq!(t1.rotated_to, Some(1), "{t1:?}");
+    let t2 = notifyd::claim::rotation::tick(&worker)
+        .await
+        .expect("a tick as the worker");
+    assert_eq!(t2.truncated, 1, "{t2:?}");
     // Not the tables' owner: the vacuum safety net skips them (and says so), no error.
     let vacuumed = notifyd::cleanup::vacuum_if_needed(&worker, 0)
         .await
@@ -253,8 +273,15 @@ async fn every_forbidden_write_fails_and_every_needed_one_works() {
             "UPDATE notify.preferences SET enabled = true",
             "UPDATE notify.queue_settings SET max_attempts = 1",
             "INSERT INTO notify.event_types (name) VALUES ('x')",
+            "SELECT 1 FROM apalis.jobs",
             "INSERT INTO apalis.jobs (job, id, job_type) VALUES ('\\x7b7d', '01ARZ3NDEKTSV4RRFFQ69G5FAV', 'x')",
             "TRUNCATE apalis.jobs",
+            "TRUNCATE notify.queue_later",
+            "TRUNCATE notify.queue_dead",
+            "INSERT INTO notify.queue_slots (slot, state) VALUES (3, 'clean')",
+            "DELETE FROM notify.queue_slots",
+            "UPDATE notify.queue_settings SET slot_secs = 1",
+            "ALTER TABLE notify.queue_0 ADD COLUMN x int",
             "TRUNCATE notify.notifications",
             "DROP TABLE notify.rate_windows",
             "CREATE TABLE notify.extra (x int)",
@@ -286,6 +313,9 @@ async fn every_forbidden_write_fails_and_every_needed_one_works() {
             "SELECT 1 FROM notify.events",
             "SELECT 1 FROM notify.preferences",
             "SELECT 1 FROM apalis.jobs",
+            "SELECT 1 FROM notify.queue",
+            "SELECT 1 FROM notify.queue_0",
+            "SELECT 1 FROM notify.queue_dead",
             "TRUNCATE notify.notifications",
         ],
     )

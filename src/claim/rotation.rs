@@ -12,7 +12,8 @@
 //! One [`tick`] does, under a transaction-level advisory lock so that one replica at a time
 //! rotates (the others skip the tick):
 //! 1. move the jobs of `notify.queue_later` due within a slot period into the current slot;
-//! 2. mark `draining` slots that are empty `drained`;
+//! 2. mark `draining` slots that are empty `drained`, and `clean` slots that hold jobs
+//!    `draining` (an enqueue from an old REPEATABLE READ snapshot can write into one);
 //! 3. make a `clean` slot current if the current one is older than `slot_secs`;
 //! 4. truncate `drained` slots: `LOCK ... NOWAIT` (so that a claim or a late writer holding
 //!    the table is never waited for, and nothing queues behind the lock), then, under the
@@ -119,6 +120,27 @@ pub async fn tick(pool: &PgPool) -> Result<Tick, sqlx::Error> {
         if empty {
             set_state(&mut tx, slot, "drained").await?;
             drained.push(slot);
+        }
+    }
+    // A clean slot holding jobs: an enqueue in a REPEATABLE READ or SERIALIZABLE
+    // transaction reads `notify.queue_slots` as of its snapshot, so it may write into a
+    // slot truncated since. Drain it (claims take it again) rather than leave its jobs
+    // until its turn as current comes, which may be never.
+    for slot in clean.clone() {
+        let empty: bool = sqlx::query_scalar(on_slot(
+            "SELECT NOT EXISTS (SELECT 1 FROM notify.queue_{slot})",
+            slot,
+        ))
+        .persistent(db::persistent())
+        .fetch_one(&mut *tx)
+        .await?;
+        if !empty {
+            tracing::warn!(
+                slot,
+                "a clean queue slot holds jobs (an enqueue from an old snapshot); draining it"
+            );
+            set_state(&mut tx, slot, "draining").await?;
+            clean.retain(|&s| s != slot);
         }
     }
     if current_expired && let Some(&next) = clean.first() {

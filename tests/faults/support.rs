@@ -378,7 +378,9 @@ pub async fn done_events(pool: &PgPool) -> i64 {
 /// transaction id, and the worker's sessions carry its name in `application_name`).
 pub async fn held_by(pool: &PgPool, name: &str) -> i64 {
     sqlx::query_scalar(
-        "SELECT count(*) FROM apalis.jobs
+        "SELECT count(*) FROM (SELECT xmax FROM notify.queue_0 UNION ALL SELECT xmax FROM notify.queue_1
+                               UNION ALL SELECT xmax FROM notify.queue_2
+                               UNION ALL SELECT xmax FROM notify.queue_3) AS j
          WHERE xmax IN (SELECT backend_xid FROM pg_stat_activity
                         WHERE application_name = 'notifyd-worker:' || $1
                           AND backend_xid IS NOT NULL)",
@@ -389,23 +391,20 @@ pub async fn held_by(pool: &PgPool, name: &str) -> i64 {
     .expect("held_by")
 }
 
-/// Live jobs that a claim could not take right now: held by some session's row lock, or
-/// marked `Queued`/`Running`. Counted in one statement (a snapshot of the live jobs against
+/// Due jobs that a claim could not take right now: rows of the queue's slot tables held by
+/// some session's row lock. Counted in one statement (a snapshot of the slots' jobs against
 /// the ones `FOR UPDATE SKIP LOCKED` can lock); with no worker running, 0 means every
 /// job is claimable. The statement locks the rows it can for an instant (autocommit).
 pub async fn unclaimable(pool: &PgPool) -> i64 {
     scalar(
         pool,
-        "WITH live AS (
-             SELECT id FROM apalis.jobs WHERE job_type = 'notifyd.events'
-               AND (status IN ('Pending', 'Queued', 'Running')
-                    OR (status = 'Failed' AND attempts < max_attempts))
-         )
-         SELECT (SELECT count(*) FROM live)
-              - (SELECT count(*) FROM (SELECT j.id FROM apalis.jobs AS j
-                                       WHERE j.id IN (SELECT id FROM live)
-                                         AND j.status IN ('Pending', 'Failed')
-                                       FOR UPDATE SKIP LOCKED) AS free)",
+        "WITH f0 AS (SELECT 1 FROM notify.queue_0 FOR UPDATE SKIP LOCKED),
+              f1 AS (SELECT 1 FROM notify.queue_1 FOR UPDATE SKIP LOCKED),
+              f2 AS (SELECT 1 FROM notify.queue_2 FOR UPDATE SKIP LOCKED),
+              f3 AS (SELECT 1 FROM notify.queue_3 FOR UPDATE SKIP LOCKED)
+         SELECT (SELECT count(*) FROM notify.queue WHERE place <> 'later')
+              - (SELECT count(*) FROM f0) - (SELECT count(*) FROM f1)
+              - (SELECT count(*) FROM f2) - (SELECT count(*) FROM f3)",
     )
     .await
 }
@@ -422,15 +421,9 @@ pub async fn sessions_of(pool: &PgPool, name: &str) -> i64 {
     .expect("sessions_of")
 }
 
-/// Jobs of our queue with work left (pending, claimed, running or waiting to retry).
+/// Jobs of our queue with work left (due, claimed, not due yet or waiting to retry).
 pub async fn live_jobs(pool: &PgPool) -> i64 {
-    scalar(
-        pool,
-        "SELECT count(*) FROM apalis.jobs WHERE job_type = 'notifyd.events'
-           AND (status IN ('Pending', 'Queued', 'Running')
-                OR (status = 'Failed' AND attempts < max_attempts))",
-    )
-    .await
+    scalar(pool, "SELECT count(*) FROM notify.queue").await
 }
 
 /// Wait until every one of `total` events has an outcome and no job has work left.

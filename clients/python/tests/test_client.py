@@ -102,7 +102,7 @@ def test_enqueue_commit_repeat_and_rollback(kind: Any, pg: psycopg.Connection) -
     assert plain != first and delayed not in (first, plain) and gone not in (first, plain)
     rows = pg.execute("SELECT id, user_id, body, link FROM notify.events ORDER BY id").fetchall()
     assert rows == [(first, "42", "Hi", "/m/1"), (plain, "43", "Maintenance tonight", None)]
-    assert count(pg, "SELECT count(*) FROM apalis.jobs") == 2
+    assert count(pg, "SELECT count(*) FROM notify.queue") == 2
 
 
 @pytest.mark.parametrize(

@@ -57,7 +57,7 @@ def test_create_and_save_with_a_repeated_key_give_the_original_id(
     third.refresh_from_db()
     assert third.body == "Order #7 has shipped", "the stored event is kept unchanged"
     assert event_rows(pg) == [(first.id, "42", "Order #7 has shipped", "order-7-shipped")]
-    assert count(pg, "SELECT count(*) FROM apalis.jobs") == 1
+    assert count(pg, "SELECT count(*) FROM notify.queue") == 1
     assert pg.execute("SELECT status FROM orders WHERE id = 7").fetchone() == ("shipped",)
     # Reading through the model works too.
     assert Event.objects.get(idempotency_key="order-7-shipped").id == first.id
@@ -83,7 +83,7 @@ def test_bulk_create_returns_every_id_repeats_included(django_conn: Any, pg: psy
     assert ids[1] == old.id and ids[3] == ids[0]
     assert len(set(ids)) == 3 and all(isinstance(i, int) for i in ids)
     assert count(pg, "SELECT count(*) FROM notify.events") == 3
-    assert count(pg, "SELECT count(*) FROM apalis.jobs") == 3
+    assert count(pg, "SELECT count(*) FROM notify.queue") == 3
     # ignore_conflicts: ON CONFLICT DO NOTHING on the view; Django sets no ids then.
     with transaction.atomic():
         Event.objects.bulk_create(
@@ -163,7 +163,7 @@ def test_a_rolled_back_transaction_leaves_no_event(django_conn: Any, pg: psycopg
             Event.objects.bulk_create([Event(user_id="42", event_type="new_message", body="x")])
             raise PaymentDeclined()
     assert count(pg, "SELECT count(*) FROM notify.events") == 0
-    assert count(pg, "SELECT count(*) FROM apalis.jobs") == 0
+    assert count(pg, "SELECT count(*) FROM notify.queue") == 0
     assert pg.execute("SELECT status FROM orders WHERE id = 7").fetchone() == ("new",)
     # The key is free again: the rolled-back event never existed.
     with transaction.atomic():

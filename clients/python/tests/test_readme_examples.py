@@ -38,7 +38,7 @@ def check(pg: psycopg.Connection, ids: list[Any]) -> None:
     assert pg.execute("SELECT id, idempotency_key FROM notify.events").fetchall() == [
         (ids[0], "order-7-shipped")
     ]
-    assert count(pg, "SELECT count(*) FROM apalis.jobs") == 1
+    assert count(pg, "SELECT count(*) FROM notify.queue") == 1
     assert pg.execute("SELECT status FROM orders WHERE id = 7").fetchone() == ("shipped",)
 
 

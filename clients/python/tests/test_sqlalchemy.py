@@ -54,7 +54,7 @@ def test_session_add_and_commit_with_a_repeated_key(engine: Engine, pg: psycopg.
     stored = pg.execute("SELECT run_at, created_at FROM notify.events").fetchone()
     assert stored == first_seen, "eager defaults bring back the original event's times"
     assert count(pg, "SELECT count(*) FROM notify.events") == 1
-    assert count(pg, "SELECT count(*) FROM apalis.jobs") == 1
+    assert count(pg, "SELECT count(*) FROM notify.queue") == 1
     assert pg.execute("SELECT status FROM orders WHERE id = 7").fetchone() == ("shipped",)
 
 
@@ -148,7 +148,7 @@ def test_a_rolled_back_session_leaves_no_event(engine: Engine, pg: psycopg.Conne
         session.flush()
         session.rollback()
     assert count(pg, "SELECT count(*) FROM notify.events") == 0
-    assert count(pg, "SELECT count(*) FROM apalis.jobs") == 0
+    assert count(pg, "SELECT count(*) FROM notify.queue") == 0
     # A savepoint keeps the business write when the notification is refused.
     with Session(engine) as session, session.begin():
         order = session.get(Order, 7)

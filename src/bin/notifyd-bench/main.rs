@@ -624,14 +624,27 @@ fn stop_workers(workers: &mut [Child]) {
 }
 
 /// Whether the queue still holds a job a worker could claim now or after a backoff
-/// (in-flight jobs count).
+/// (in-flight jobs count). One probe of each slot's claim index, which skips the entries
+/// of finished jobs once they are marked dead: a sequential scan would walk the finished
+/// rows in front of the first live one, more of them with every poll.
 async fn claimable_jobs_left(pool: &PgPool) -> anyhow::Result<bool> {
-    Ok(
-        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM notify.queue)")
-            .fetch_one(pool)
-            .await?,
-    )
+    Ok(sqlx::query_scalar(QUEUE_NOT_EMPTY).fetch_one(pool).await?)
 }
+
+/// `true` while any job waits: see [`claimable_jobs_left`].
+pub const QUEUE_NOT_EMPTY: &str = "
+SELECT (SELECT event_id FROM notify.queue_0 ORDER BY priority DESC, run_at, event_id LIMIT 1) IS NOT NULL
+    OR (SELECT event_id FROM notify.queue_1 ORDER BY priority DESC, run_at, event_id LIMIT 1) IS NOT NULL
+    OR (SELECT event_id FROM notify.queue_2 ORDER BY priority DESC, run_at, event_id LIMIT 1) IS NOT NULL
+    OR (SELECT event_id FROM notify.queue_3 ORDER BY priority DESC, run_at, event_id LIMIT 1) IS NOT NULL
+    OR (SELECT event_id FROM notify.queue_later ORDER BY event_id LIMIT 1) IS NOT NULL";
+
+/// `true` while a job of a type with priority 0 or lower waits (a broadcast's).
+pub const LOW_PRIORITY_LEFT: &str = "
+SELECT (SELECT event_id FROM notify.queue_0 WHERE priority <= 0 ORDER BY priority DESC, run_at, event_id LIMIT 1) IS NOT NULL
+    OR (SELECT event_id FROM notify.queue_1 WHERE priority <= 0 ORDER BY priority DESC, run_at, event_id LIMIT 1) IS NOT NULL
+    OR (SELECT event_id FROM notify.queue_2 WHERE priority <= 0 ORDER BY priority DESC, run_at, event_id LIMIT 1) IS NOT NULL
+    OR (SELECT event_id FROM notify.queue_3 WHERE priority <= 0 ORDER BY priority DESC, run_at, event_id LIMIT 1) IS NOT NULL";
 
 /// The reason of one failed job of the queue, if there is one.
 async fn failed_job(pool: &PgPool) -> anyhow::Result<Option<String>> {
@@ -761,7 +774,7 @@ async fn hold_phases(
     let hold = steady::Hold::open(url).await?;
     eprintln!("  holding: pid {}", hold.pid);
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let sampler = steady::sample_queue(pool.clone(), Duration::from_secs(10), stop.clone());
+    let sampler = steady::sample_queue(pool.clone(), Duration::from_secs(10), true, stop.clone());
     let held = steady::run(
         pool,
         url,
@@ -786,7 +799,7 @@ async fn hold_phases(
         );
     }
     if let Some(last) = samples.last() {
-        let max_backlog = samples.iter().map(|s| s.backlog).max().unwrap_or(0);
+        let max_backlog = samples.iter().filter_map(|s| s.backlog).max().unwrap_or(0);
         let max_dead = samples.iter().map(|s| s.slot_dead).max().unwrap_or(0);
         eprintln!(
             "  held: backlog at most {max_backlog}, slot dead tuples at most {max_dead}; slots at the end {}",
@@ -850,7 +863,7 @@ async fn broadcast_phases(
         args.broadcast_secs, args.broadcast
     );
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let sampler = steady::sample_queue(pool.clone(), Duration::from_secs(1), stop.clone());
+    let sampler = steady::sample_queue(pool.clone(), Duration::from_secs(1), false, stop.clone());
     let phase_start = Instant::now();
     let broadcaster = {
         let pool = pool.clone();
@@ -888,7 +901,7 @@ async fn broadcast_phases(
     let committed = (began + insert).as_secs_f64();
     let drained = samples
         .iter()
-        .find(|s| s.secs > committed && s.low_priority == 0)
+        .find(|s| s.secs > committed && !s.low_priority_left)
         .map(|s| s.secs - committed);
     // The probes sent while the broadcast drained: per-minute windows are too coarse, so
     // read them back from the database clock (event stamp to notification stamp).
@@ -1003,7 +1016,11 @@ fn print_report(r: &Report) {
         );
         println!(
             "    backlog at most {}, slot dead tuples at most {}",
-            h.samples.iter().map(|s| s.backlog).max().unwrap_or(0),
+            h.samples
+                .iter()
+                .filter_map(|s| s.backlog)
+                .max()
+                .unwrap_or(0),
             h.samples.iter().map(|s| s.slot_dead).max().unwrap_or(0)
         );
         println!(

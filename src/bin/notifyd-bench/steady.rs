@@ -268,40 +268,45 @@ impl Hold {
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct QueueSample {
     pub secs: f64,
-    /// Jobs waiting (due or not).
-    pub backlog: i64,
-    /// Of which of a type with priority 0 or lower (a broadcast's `system_alert`).
-    pub low_priority: i64,
+    /// Jobs waiting (due or not); counted only where asked (a count reads every row).
+    pub backlog: Option<i64>,
+    /// Whether a job of a type with priority 0 or lower waits (a broadcast's `system_alert`).
+    pub low_priority_left: bool,
     /// Dead tuples in the queue's slot tables, as the statistics collector counts them.
     pub slot_dead: i64,
     /// The slots' states, `current/draining/drained/clean` counts.
     pub slots: String,
 }
 
-/// Sample the queue every `every` until `stop` is set.
+/// Sample the queue every `every` until `stop` is set; `count` also counts the backlog.
 pub fn sample_queue(
     pool: PgPool,
     every: Duration,
+    count: bool,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
 ) -> tokio::task::JoinHandle<Vec<QueueSample>> {
     tokio::spawn(async move {
         let started = Instant::now();
         let mut out = Vec::new();
         while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-            let row: Result<(i64, i64, i64, String), sqlx::Error> = sqlx::query_as(
-                "SELECT (SELECT count(*) FROM notify.queue),
-                        (SELECT count(*) FROM notify.queue WHERE priority <= 0),
-                        (SELECT COALESCE(sum(n_dead_tup), 0)::bigint FROM pg_stat_user_tables
-                         WHERE schemaname = 'notify' AND relname ~ '^queue_[0-9]$'),
-                        (SELECT string_agg(state, ',' ORDER BY slot) FROM notify.queue_slots)",
-            )
-            .fetch_one(&pool)
-            .await;
-            if let Ok((backlog, low_priority, slot_dead, slots)) = row {
+            let secs = started.elapsed().as_secs_f64();
+            let row: Result<(Option<i64>, bool, i64, String), sqlx::Error> =
+                sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                    "SELECT CASE WHEN $1 THEN (SELECT count(*) FROM notify.queue) END,
+                            ({}),
+                            (SELECT COALESCE(sum(n_dead_tup), 0)::bigint FROM pg_stat_user_tables
+                             WHERE schemaname = 'notify' AND relname ~ '^queue_[0-9]$'),
+                            (SELECT string_agg(state, ',' ORDER BY slot) FROM notify.queue_slots)",
+                    super::LOW_PRIORITY_LEFT
+                )))
+                .bind(count)
+                .fetch_one(&pool)
+                .await;
+            if let Ok((backlog, low_priority_left, slot_dead, slots)) = row {
                 out.push(QueueSample {
-                    secs: started.elapsed().as_secs_f64(),
+                    secs,
                     backlog,
-                    low_priority,
+                    low_priority_left,
                     slot_dead,
                     slots,
                 });
