@@ -62,7 +62,13 @@ pub async fn run(
         }
     }
     // Set on every session, or per transaction through a transaction pooler (db.rs).
-    let mut settings = vec![("lock_timeout", LOCK_TIMEOUT.as_millis().to_string())];
+    // No JIT: the worker's statements are short and run thousands of times; a cost estimate
+    // over `jit_above_cost` (a table whose statistics are stale, a plan with a disabled
+    // node) would compile each run for tens of milliseconds.
+    let mut settings = vec![
+        ("lock_timeout", LOCK_TIMEOUT.as_millis().to_string()),
+        ("jit", "off".to_owned()),
+    ];
     if args.idle_tx_timeout_secs > 0 {
         settings.push((
             "idle_in_transaction_session_timeout",

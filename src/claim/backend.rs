@@ -323,9 +323,9 @@ pub async fn settle(
 }
 
 /// Count a failed attempt for the jobs of a batch whose transaction was rolled back: each
-/// waits in `notify.queue_later` for its backoff (`notify.queue_settings`: base x 2^(attempt
-/// - 1), capped, jittered by 0.5-1.5 x), or, out of attempts, goes to `notify.queue_dead`
-/// with the reason. Jobs that another replica has claimed meanwhile are skipped, not waited
+/// waits in `notify.queue_later` for its backoff (`notify.queue_settings`: the base delay,
+/// doubled per earlier attempt, capped, jittered by 0.5-1.5 x), or, out of attempts, goes
+/// to `notify.queue_dead` with the reason. Jobs that another replica has claimed meanwhile are skipped, not waited
 /// for. Returns the jobs marked.
 pub async fn fail(
     pool: &PgPool,

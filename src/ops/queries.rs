@@ -416,7 +416,7 @@ async fn bulk(
                  FOR UPDATE SKIP LOCKED))
              RETURNING event_id
          ),
-         then AS ({then})
+         followed AS ({then})
          SELECT event_id FROM gone"
     );
     let mut changed = Vec::new();
