@@ -277,7 +277,8 @@ async fn sweep_users(
     rate: RateLimit,
     now: Option<DateTime<Utc>>,
 ) -> Result<Report, sqlx::Error> {
-    let mut tx = pool.begin().await?;
+    let mut tx = crate::db::begin(pool).await?;
+    store::plan_by_keys(&mut tx).await?;
     store::lock_users(&mut tx, users.iter().map(String::as_str)).await?;
     let window = sqlx::postgres::types::PgInterval {
         months: 0,

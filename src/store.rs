@@ -35,7 +35,8 @@
 //!      can still matter: the last 7 days, the longest window accepted, and no more than the
 //!      newest `limit`), with one per-type entry per type delivered (kept for every type,
 //!      up to the larger of `limit` and the largest cap, so that a cap set later counts the
-//!      deliveries already in its window). Exact across restarts with a longer window or a higher limit; after
+//!      deliveries already in its window). Exact across restarts with a longer window or a
+//!      higher limit; after
 //!      a limit was lowered and raised again within one window, the entries the lower limit
 //!      trimmed are not counted;
 //!    * write the outcome of every event that was not stored on its `notify.events` row.
@@ -194,8 +195,22 @@ pub async fn apply_in(
     if batch.is_empty() {
         return Ok(Vec::new());
     }
+    plan_by_keys(tx).await?;
     lock_users(tx, batch.iter().map(|p| p.user_id.as_str())).await?;
     decide_and_store(tx, batch, rate, now).await
+}
+
+/// For the rest of the transaction, plan every table access by its key. Each lookup of
+/// the store statement (and of the digest sweep) reads a few rows by key, so an index scan
+/// is always the plan that fits, but a table whose statistics say it is empty or tiny (a
+/// first backfill, `notify.digest_pending` before any ANALYZE) gets a sequential scan per
+/// event, which then stays in the cached plan as the table grows. A sequential scan is
+/// still used where no index fits.
+pub async fn plan_by_keys(tx: &mut PgConnection) -> Result<(), sqlx::Error> {
+    sqlx::raw_sql("SET LOCAL enable_seqscan = off")
+        .execute(&mut *tx)
+        .await?;
+    Ok(())
 }
 
 /// Take the per-user locks of a batch: see the module doc. `ON CONFLICT DO UPDATE … WHERE
@@ -327,7 +342,8 @@ inserted AS (
     RETURNING event_id, id, user_id, event_type
 ),
 delivered AS (
-    -- Per user: this transaction's deliveries per type, and the non-critical total.
+    -- Per user: this transaction's deliveries per type (every type: a cap set later then
+    -- counts the deliveries already in its window), and the non-critical total.
     SELECT d.user_id,
            COALESCE(sum(d.n) FILTER (WHERE NOT d.critical), 0)::integer AS total,
            array_agg(d.event_type ORDER BY d.event_type) AS names,
@@ -355,42 +371,25 @@ windowed AS (
            array_fill(clock.now, ARRAY[cardinality(p.names)]), p.names, p.counts
     FROM delivered AS p, clock
     ON CONFLICT (user_id) DO UPDATE
-    SET stamps = (EXCLUDED.stamps
-                  || ARRAY(SELECT x.s FROM unnest(w.stamps, w.counts) AS x(s, c)
-                           WHERE x.s > EXCLUDED.type_stamps[1] - interval '7 days'))[1:$8::integer],
-        counts = (EXCLUDED.counts
-                  || ARRAY(SELECT x.c FROM unnest(w.stamps, w.counts) AS x(s, c)
-                           WHERE x.s > EXCLUDED.type_stamps[1] - interval '7 days'))[1:$8::integer],
-        type_stamps = EXCLUDED.type_stamps
-                      || ARRAY(SELECT k.s FROM (
-                             SELECT x.*, row_number() OVER (PARTITION BY x.n ORDER BY x.o) AS r
-                             FROM unnest(w.type_stamps, w.type_names, w.type_counts)
-                                  WITH ORDINALITY AS x(s, n, c, o)) AS k
-                           WHERE k.s > EXCLUDED.type_stamps[1] - interval '7 days'
-                             AND k.r + (k.n = ANY(EXCLUDED.type_names))::integer
-                                 <= GREATEST($8::integer, (SELECT max(t.max_per_window)
-                                                           FROM notify.event_types AS t))
-                           ORDER BY k.o),
-        type_names = EXCLUDED.type_names
-                      || ARRAY(SELECT k.n FROM (
-                             SELECT x.*, row_number() OVER (PARTITION BY x.n ORDER BY x.o) AS r
-                             FROM unnest(w.type_stamps, w.type_names, w.type_counts)
-                                  WITH ORDINALITY AS x(s, n, c, o)) AS k
-                           WHERE k.s > EXCLUDED.type_stamps[1] - interval '7 days'
-                             AND k.r + (k.n = ANY(EXCLUDED.type_names))::integer
-                                 <= GREATEST($8::integer, (SELECT max(t.max_per_window)
-                                                           FROM notify.event_types AS t))
-                           ORDER BY k.o),
-        type_counts = EXCLUDED.type_counts
-                      || ARRAY(SELECT k.c FROM (
-                             SELECT x.*, row_number() OVER (PARTITION BY x.n ORDER BY x.o) AS r
-                             FROM unnest(w.type_stamps, w.type_names, w.type_counts)
-                                  WITH ORDINALITY AS x(s, n, c, o)) AS k
-                           WHERE k.s > EXCLUDED.type_stamps[1] - interval '7 days'
-                             AND k.r + (k.n = ANY(EXCLUDED.type_names))::integer
-                                 <= GREATEST($8::integer, (SELECT max(t.max_per_window)
-                                                           FROM notify.event_types AS t))
-                           ORDER BY k.o)
+    -- Each list is read once per row: one sub-select sets the columns that go together.
+    SET (stamps, counts) = (
+            SELECT (EXCLUDED.stamps
+                    || COALESCE(array_agg(x.s ORDER BY x.o), '{}'::timestamptz[]))[1:$8::integer],
+                   (EXCLUDED.counts
+                    || COALESCE(array_agg(x.c ORDER BY x.o), '{}'::integer[]))[1:$8::integer]
+            FROM unnest(w.stamps, w.counts) WITH ORDINALITY AS x(s, c, o)
+            WHERE x.s > COALESCE(EXCLUDED.stamps[1], EXCLUDED.type_stamps[1]) - interval '7 days'),
+        (type_stamps, type_names, type_counts) = (
+            SELECT EXCLUDED.type_stamps || COALESCE(array_agg(k.s ORDER BY k.o), '{}'::timestamptz[]),
+                   EXCLUDED.type_names || COALESCE(array_agg(k.n ORDER BY k.o), '{}'::text[]),
+                   EXCLUDED.type_counts || COALESCE(array_agg(k.c ORDER BY k.o), '{}'::integer[])
+            FROM (SELECT x.*, row_number() OVER (PARTITION BY x.n ORDER BY x.o) AS r
+                  FROM unnest(w.type_stamps, w.type_names, w.type_counts)
+                       WITH ORDINALITY AS x(s, n, c, o)) AS k
+            WHERE k.s > COALESCE(EXCLUDED.stamps[1], EXCLUDED.type_stamps[1]) - interval '7 days'
+              AND k.r + (k.n = ANY(EXCLUDED.type_names))::integer
+                  <= GREATEST($8::integer, (SELECT max(t.max_per_window)
+                                            FROM notify.event_types AS t)))
     RETURNING 1
 ),
 suppressed AS (
