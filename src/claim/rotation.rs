@@ -110,14 +110,7 @@ pub async fn tick(pool: &PgPool) -> Result<Tick, sqlx::Error> {
     };
 
     for &slot in &draining {
-        let empty: bool = sqlx::query_scalar(on_slot(
-            "SELECT NOT EXISTS (SELECT 1 FROM notify.queue_{slot})",
-            slot,
-        ))
-        .persistent(db::persistent())
-        .fetch_one(&mut *tx)
-        .await?;
-        if empty {
+        if slot_is_empty(&mut tx, slot).await? {
             set_state(&mut tx, slot, "drained").await?;
             drained.push(slot);
         }
@@ -180,6 +173,17 @@ pub async fn tick(pool: &PgPool) -> Result<Tick, sqlx::Error> {
     Ok(done)
 }
 
+/// Whether a slot table holds no job that this transaction can see.
+async fn slot_is_empty(tx: &mut sqlx::PgConnection, slot: i16) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar(on_slot(
+        "SELECT NOT EXISTS (SELECT 1 FROM notify.queue_{slot})",
+        slot,
+    ))
+    .persistent(db::persistent())
+    .fetch_one(&mut *tx)
+    .await
+}
+
 async fn set_state(tx: &mut sqlx::PgConnection, slot: i16, state: &str) -> Result<(), sqlx::Error> {
     sqlx::query("UPDATE notify.queue_slots SET state = $2, changed_at = now() WHERE slot = $1")
         .persistent(db::persistent())
@@ -221,13 +225,7 @@ async fn truncate_if_empty(pool: &PgPool, slot: i16) -> Result<Option<bool>, sql
         tx.rollback().await?;
         return Ok(Some(false));
     }
-    let empty: bool = sqlx::query_scalar(on_slot(
-        "SELECT NOT EXISTS (SELECT 1 FROM notify.queue_{slot})",
-        slot,
-    ))
-    .persistent(db::persistent())
-    .fetch_one(&mut *tx)
-    .await?;
+    let empty = slot_is_empty(&mut tx, slot).await?;
     if empty {
         sqlx::query(on_slot("TRUNCATE notify.queue_{slot}", slot))
             .persistent(false)
