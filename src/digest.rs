@@ -142,6 +142,7 @@ pub async fn run_once(
              WHERE due_at <= COALESCE($1::timestamptz, statement_timestamp())
              ORDER BY user_id LIMIT $2",
         )
+        .persistent(crate::db::persistent())
         .bind(now)
         .bind(CHUNK)
         .fetch_all(pool)
@@ -286,6 +287,7 @@ async fn sweep_users(
         microseconds: i64::try_from(rate.window.as_micros()).unwrap_or(i64::MAX),
     };
     let rows: Vec<TakenRow> = sqlx::query_as(TAKE)
+        .persistent(crate::db::persistent())
         .bind(users)
         .bind(i64::from(rate.limit))
         .bind(window)
@@ -329,6 +331,7 @@ async fn sweep_users(
             report.events += s.total() as u64;
         }
         sqlx::query(SEND)
+            .persistent(crate::db::persistent())
             .bind(&ids)
             .bind(&bodies)
             .bind(&digests)
