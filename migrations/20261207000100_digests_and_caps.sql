@@ -7,9 +7,10 @@
 --   budget, bounded by its own `max_per_window`, which a critical type must have), and a
 --   preference cannot switch it off. So 100 chat messages cannot keep a security alert
 --   out, and a backend loop sending alerts is still bounded by the alert type's cap.
--- * `notify.rate_windows.type_*`: per-type stamps of deliveries (one entry per store
---   transaction and type), next to the per-user `stamps`/`counts`, in the same row under
---   the same lock, so every cap is as exact as the total. `stamps`/`counts` now hold the
+-- * `notify.rate_windows.type_*`: per-type stamps of deliveries of capped types (one
+--   entry per store transaction and type), next to the per-user `stamps`/`counts`, in the
+--   same row under the same lock, so every cap is as exact as the total. A cap set on a
+--   type counts its deliveries from then on. `stamps`/`counts` now hold the
 --   non-critical deliveries only (digests included).
 -- * `notify.digest_pending`: per user and type, how many events the limit suppressed
 --   since the user's last digest. Written in the store transaction that decides
@@ -22,9 +23,7 @@
 -- digests, which have no event; a check keeps every other row with one.
 -- Deploy rule: workers of the previous release neither write the per-type entries nor the
 -- pending digests, and they count critical types in the total. Replace all workers at once
--- for this release, as for 20261201000001. Deliveries stored before this release are not
--- in the per-type entries: a cap set within one window of the upgrade counts that type's
--- deliveries from the upgrade on.
+-- for this release, as for 20261201000001.
 
 ALTER TABLE notify.event_types
     ADD COLUMN critical boolean NOT NULL DEFAULT false,

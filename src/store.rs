@@ -33,12 +33,10 @@
 //!    * **store**: insert the admitted notifications (`ON CONFLICT (event_id) DO NOTHING`),
 //!      and add their stamp to the user's `rate_windows` row (trimmed to the entries that
 //!      can still matter: the last 7 days, the longest window accepted, and no more than the
-//!      newest `limit`), with one per-type entry per type delivered (kept for every type,
-//!      up to the larger of `limit` and the largest cap, so that a cap set later counts the
-//!      deliveries already in its window). Exact across restarts with a longer window or a
-//!      higher limit; after
-//!      a limit was lowered and raised again within one window, the entries the lower limit
-//!      trimmed are not counted;
+//!      newest `limit`), with one per-type entry per capped type delivered (up to the
+//!      larger of `limit` and the largest cap per type). Exact across restarts with a longer
+//!      window or a higher limit; after a limit was lowered and raised again within one
+//!      window, the entries the lower limit trimmed are not counted;
 //!    * write the outcome of every event that was not stored on its `notify.events` row.
 //!      A stored event's record is its notification alone (the view
 //!      `notify.event_outcomes` reads `stored` from it): writing `stored` on the wide event
@@ -66,7 +64,10 @@
 //! Changing the settings moves the bounds at the edges only, documented in migration
 //! `20261207000100`: a type made critical keeps its earlier deliveries in the total until
 //! they leave the window; a type made non-critical adds up to its cap to the total in the
-//! window of the change.
+//! window of the change; a cap set on a type counts its deliveries from then on, so in the
+//! window of the change the type may get up to the cap on top of what it had. (Entries
+//! for every type, so that a new cap would count the deliveries before it, made every
+//! store rewrite three more lists per user: a fifth of the store statement, measured.)
 
 use std::time::Duration;
 
@@ -236,7 +237,7 @@ pub(crate) async fn lock_users<'a>(
     Ok(())
 }
 
-const DECIDE_AND_STORE: &str = r#"
+const DECIDE_AND_STORE_TEMPLATE: &str = r#"
 WITH input AS (
     SELECT *
     FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[])
@@ -245,8 +246,16 @@ WITH input AS (
 clock AS (
     SELECT COALESCE($7::timestamptz, statement_timestamp()) AS now
 ),
+types AS MATERIALIZED (
+    -- The type settings, read once per statement (a handful of rows) and joined: one
+    -- hash or nested-loop join over a few rows whatever the statistics say, instead of
+    -- an index probe per event and setting. In key order, so that the read is an index
+    -- scan: sequential scans are off in this transaction, and a disabled node costs
+    -- 10^10, which makes a server with JIT on compile the whole statement (seconds).
+    SELECT t.name, t.critical, t.max_per_window FROM notify.event_types AS t ORDER BY t.name
+),
 decided AS MATERIALIZED (
-    -- Every lookup is a scalar subquery, one index probe per event, and no table is
+    -- Every other lookup is a scalar subquery, one index probe per event, and no table is
     -- joined: the plan is then the same whatever the statistics say. With joins, a burst
     -- drained before any ANALYZE got a hash join over a sequential scan of all of
     -- notify.events per batch, and a nested loop over the batch squared (BENCHMARKS.md,
@@ -258,20 +267,19 @@ decided AS MATERIALIZED (
     -- keeps no outcome). A critical type ignores the user's switch (a row left from before
     -- it was critical).
     SELECT i.*,
-           COALESCE((SELECT t.critical FROM notify.event_types AS t
-                     WHERE t.name = i.event_type), false) AS critical,
-           (SELECT t.max_per_window FROM notify.event_types AS t
-            WHERE t.name = i.event_type) AS type_cap,
+           COALESCE(t.critical, false) AS critical,
+           t.max_per_window AS type_cap,
            CASE
                WHEN (SELECT n.event_id FROM notify.notifications AS n
                      WHERE n.event_id = i.event_id) IS NOT NULL THEN 'duplicate'
                WHEN i.invalid_reason IS NOT NULL THEN 'invalid'
-               WHEN (SELECT pref.enabled FROM notify.preferences AS pref
-                     WHERE pref.user_id = i.user_id AND pref.event_type = i.event_type) IS FALSE
-                    AND (SELECT t.critical FROM notify.event_types AS t
-                         WHERE t.name = i.event_type) IS NOT TRUE THEN 'opted_out'
+               WHEN t.critical IS NOT TRUE
+                    AND (SELECT pref.enabled FROM notify.preferences AS pref
+                         WHERE pref.user_id = i.user_id AND pref.event_type = i.event_type)
+                        IS FALSE THEN 'opted_out'
            END AS early_outcome
     FROM input AS i
+    LEFT JOIN types AS t ON t.name = i.event_type
     WHERE (SELECT e.outcome IS NULL FROM notify.events AS e WHERE e.id = i.event_id)
 ),
 typed AS (
@@ -342,54 +350,50 @@ inserted AS (
     RETURNING event_id, id, user_id, event_type
 ),
 delivered AS (
-    -- Per user: this transaction's deliveries per type (every type: a cap set later then
-    -- counts the deliveries already in its window), and the non-critical total.
-    SELECT d.user_id,
-           COALESCE(sum(d.n) FILTER (WHERE NOT d.critical), 0)::integer AS total,
-           array_agg(d.event_type ORDER BY d.event_type) AS names,
-           array_agg(d.n ORDER BY d.event_type) AS counts
-    FROM (SELECT i.user_id, i.event_type,
-                 COALESCE((SELECT t.critical FROM notify.event_types AS t
-                           WHERE t.name = i.event_type), false) AS critical,
-                 count(*)::integer AS n
-          FROM inserted AS i
-          GROUP BY i.user_id, i.event_type) AS d
-    GROUP BY d.user_id
+    -- Per user: the non-critical total of this transaction's deliveries, and one entry per
+    -- delivery of a capped type (a type with `max_per_window`, every critical type among
+    -- them). One hash aggregate by user: a count per type would take a second grouping
+    -- and a sort, measured 2 ms per batch, for entries that mean the same.
+    SELECT i.user_id,
+           count(*) FILTER (WHERE t.critical IS NOT TRUE)::integer AS total,
+           COALESCE(array_agg(i.event_type) FILTER (WHERE t.max_per_window IS NOT NULL),
+                    '{}'::text[]) AS names
+    FROM inserted AS i
+    LEFT JOIN types AS t ON t.name = i.event_type
+    GROUP BY i.user_id
 ),
 windowed AS (
     -- Put this transaction's stamp first (newest first); keep the older entries of the
     -- last 7 days (the longest window the worker accepts: a window made longer later still
     -- finds them), and no more than `limit` entries in all: each entry stands for at least
-    -- one notification, so entries after the newest `limit` cannot change a decision.
+    -- one notification, so entries after the newest `limit` cannot change a decision. The
+    -- stamps grow per user (they are taken under the user's lock), so what is kept is a
+    -- prefix of the list, cut by position, not rebuilt.
     -- Per-type entries likewise, per type no more than the largest of `limit` and every
-    -- type's cap (a cap set later finds the type's recent deliveries).
+    -- type's cap; they are rewritten only when this transaction adds one (an uncapped
+    -- delivery leaves them as they are: rewriting them cost a fifth of this statement).
     INSERT INTO notify.rate_windows AS w
            (user_id, stamps, counts, type_stamps, type_names, type_counts)
     SELECT p.user_id,
            CASE WHEN p.total > 0 THEN ARRAY[clock.now] ELSE '{}'::timestamptz[] END,
            CASE WHEN p.total > 0 THEN ARRAY[p.total] ELSE '{}'::integer[] END,
-           array_fill(clock.now, ARRAY[cardinality(p.names)]), p.names, p.counts
+           array_fill(clock.now, ARRAY[cardinality(p.names)]), p.names,
+           array_fill(1, ARRAY[cardinality(p.names)])
     FROM delivered AS p, clock
     ON CONFLICT (user_id) DO UPDATE
-    -- Each list is read once per row: one sub-select sets the columns that go together.
     SET (stamps, counts) = (
-            SELECT (EXCLUDED.stamps
-                    || COALESCE(array_agg(x.s ORDER BY x.o), '{}'::timestamptz[]))[1:$8::integer],
-                   (EXCLUDED.counts
-                    || COALESCE(array_agg(x.c ORDER BY x.o), '{}'::integer[]))[1:$8::integer]
-            FROM unnest(w.stamps, w.counts) WITH ORDINALITY AS x(s, c, o)
-            WHERE x.s > COALESCE(EXCLUDED.stamps[1], EXCLUDED.type_stamps[1]) - interval '7 days'),
-        (type_stamps, type_names, type_counts) = (
-            SELECT EXCLUDED.type_stamps || COALESCE(array_agg(k.s ORDER BY k.o), '{}'::timestamptz[]),
-                   EXCLUDED.type_names || COALESCE(array_agg(k.n ORDER BY k.o), '{}'::text[]),
-                   EXCLUDED.type_counts || COALESCE(array_agg(k.c ORDER BY k.o), '{}'::integer[])
-            FROM (SELECT x.*, row_number() OVER (PARTITION BY x.n ORDER BY x.o) AS r
-                  FROM unnest(w.type_stamps, w.type_names, w.type_counts)
-                       WITH ORDINALITY AS x(s, n, c, o)) AS k
-            WHERE k.s > COALESCE(EXCLUDED.stamps[1], EXCLUDED.type_stamps[1]) - interval '7 days'
-              AND k.r + (k.n = ANY(EXCLUDED.type_names))::integer
-                  <= GREATEST($8::integer, (SELECT max(t.max_per_window)
-                                            FROM notify.event_types AS t)))
+            SELECT (EXCLUDED.stamps || w.stamps)[1:LEAST($8::integer, cardinality(EXCLUDED.stamps) + f.kept)],
+                   (EXCLUDED.counts || w.counts)[1:LEAST($8::integer, cardinality(EXCLUDED.stamps) + f.kept)]
+            FROM (SELECT count(*)::integer AS kept FROM unnest(w.stamps) AS x(s)
+                  WHERE x.s > COALESCE(EXCLUDED.stamps[1], EXCLUDED.type_stamps[1])
+                              - interval '7 days') AS f),
+        -- Each list by a CASE, so that the sub-selects run only when there is an entry to add.
+        type_stamps = CASE WHEN cardinality(EXCLUDED.type_names) = 0 THEN w.type_stamps ELSE
+            EXCLUDED.type_stamps || ARRAY(SELECT k.s {kept_type_entries}) END,
+        type_names = CASE WHEN cardinality(EXCLUDED.type_names) = 0 THEN w.type_names ELSE
+            EXCLUDED.type_names || ARRAY(SELECT k.n {kept_type_entries}) END,
+        type_counts = CASE WHEN cardinality(EXCLUDED.type_names) = 0 THEN w.type_counts ELSE
+            EXCLUDED.type_counts || ARRAY(SELECT k.c {kept_type_entries}) END
     RETURNING 1
 ),
 suppressed AS (
@@ -433,7 +437,25 @@ UNION ALL
 SELECT -1, NULL, NULL, count(*), NULL FROM announced  -- makes the announcement run; ignored
 "#;
 
-/// `(event_id, user_id, outcome, notification_id, critical)`: see [`DECIDE_AND_STORE`]'s
+/// The older per-type entries of a user's row that stay, in their order (newest first),
+/// as the `FROM` … of a sub-select over `k` inside the rate-window upsert: of the last 7
+/// days, and per type no more than the largest of `limit` and every cap, counting the
+/// entries this transaction adds. Written once, used for each of the three lists.
+const KEPT_TYPE_ENTRIES: &str =
+    "FROM (SELECT x.*, row_number() OVER (PARTITION BY x.n ORDER BY x.o) AS r
+                  FROM unnest(w.type_stamps, w.type_names, w.type_counts)
+                       WITH ORDINALITY AS x(s, n, c, o)) AS k
+            WHERE k.s > EXCLUDED.type_stamps[1] - interval '7 days'
+              AND k.r + cardinality(array_positions(EXCLUDED.type_names, k.n))
+                  <= GREATEST($8::integer, (SELECT max(t.max_per_window) FROM types AS t))
+            ORDER BY k.o";
+
+/// The store statement: [`DECIDE_AND_STORE_TEMPLATE`] with [`KEPT_TYPE_ENTRIES`] in place.
+static DECIDE_AND_STORE: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    DECIDE_AND_STORE_TEMPLATE.replace("{kept_type_entries}", KEPT_TYPE_ENTRIES)
+});
+
+/// `(event_id, user_id, outcome, notification_id, critical)`: see [`DECIDE_AND_STORE_TEMPLATE`]'s
 /// final SELECT.
 type StoreRow = (
     i64,
@@ -478,7 +500,7 @@ async fn decide_and_store(
         days: 0,
         microseconds: i64::try_from(rate.window.as_micros()).unwrap_or(i64::MAX),
     };
-    let rows: Vec<StoreRow> = sqlx::query_as(DECIDE_AND_STORE)
+    let rows: Vec<StoreRow> = sqlx::query_as(sqlx::AssertSqlSafe(DECIDE_AND_STORE.as_str()))
         .persistent(crate::db::persistent())
         .bind(&ids)
         .bind(&users)

@@ -493,7 +493,8 @@ async fn a_per_type_cap_is_exact_and_does_not_use_the_total() {
         .await,
         3
     );
-    // A cap set later counts the deliveries already in the window.
+    // A cap set later counts from the moment it is set (jobs/README.md): the 4 chat
+    // messages before it are not counted, the ones after it are, exactly.
     let chat = enqueue_n(&db, "42", "new_message", 4).await;
     process(&at(&db, 100, t0() + minutes(62)), &chat).await;
     exec(
@@ -506,9 +507,12 @@ async fn a_per_type_cap_is_exact_and_does_not_use_the_total() {
     let out = process(&at(&db, 100, t0() + minutes(63)), &chat).await;
     assert_eq!(
         count(&out, "stored"),
-        1,
-        "4 in the window + 1 = the new cap: {out:?}"
+        3,
+        "0 counted + 3 <= the new cap: {out:?}"
     );
+    let chat = enqueue_n(&db, "42", "new_message", 4).await;
+    let out = process(&at(&db, 100, t0() + minutes(64)), &chat).await;
+    assert_eq!(count(&out, "stored"), 2, "3 + 2 = the new cap: {out:?}");
 }
 
 /// Three worker replicas (three processors on their own pools, each driving the worker's
