@@ -200,7 +200,8 @@ $$;
 -- a plan with a disabled node costs 10^10 and would be JIT-compiled on every call (20 ms,
 -- measured, for a claim that finds nothing).
 CREATE FUNCTION notify.claim_jobs(n integer, min_priority integer DEFAULT -32768)
-RETURNS TABLE (slot smallint, tid text, event_id bigint, run_at timestamptz, attempts smallint)
+RETURNS TABLE (slot smallint, tid text, event_id bigint, run_at timestamptz, attempts smallint,
+               priority smallint)
 LANGUAGE plpgsql SET enable_seqscan = off SET enable_bitmapscan = off SET enable_sort = off
 SET jit = off SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -213,19 +214,19 @@ BEGIN
              ORDER BY q.state = 'current' DESC, q.changed_at DESC
     LOOP
         IF s = 0 THEN
-            RETURN QUERY SELECT 0::smallint, j.ctid::text, j.event_id, j.run_at, j.attempts
+            RETURN QUERY SELECT 0::smallint, j.ctid::text, j.event_id, j.run_at, j.attempts, j.priority
                 FROM notify.queue_0 AS j WHERE j.run_at <= now() AND j.priority >= min_priority
                 ORDER BY j.priority DESC, j.run_at, j.event_id LIMIT n - got FOR UPDATE SKIP LOCKED;
         ELSIF s = 1 THEN
-            RETURN QUERY SELECT 1::smallint, j.ctid::text, j.event_id, j.run_at, j.attempts
+            RETURN QUERY SELECT 1::smallint, j.ctid::text, j.event_id, j.run_at, j.attempts, j.priority
                 FROM notify.queue_1 AS j WHERE j.run_at <= now() AND j.priority >= min_priority
                 ORDER BY j.priority DESC, j.run_at, j.event_id LIMIT n - got FOR UPDATE SKIP LOCKED;
         ELSIF s = 2 THEN
-            RETURN QUERY SELECT 2::smallint, j.ctid::text, j.event_id, j.run_at, j.attempts
+            RETURN QUERY SELECT 2::smallint, j.ctid::text, j.event_id, j.run_at, j.attempts, j.priority
                 FROM notify.queue_2 AS j WHERE j.run_at <= now() AND j.priority >= min_priority
                 ORDER BY j.priority DESC, j.run_at, j.event_id LIMIT n - got FOR UPDATE SKIP LOCKED;
         ELSE
-            RETURN QUERY SELECT 3::smallint, j.ctid::text, j.event_id, j.run_at, j.attempts
+            RETURN QUERY SELECT 3::smallint, j.ctid::text, j.event_id, j.run_at, j.attempts, j.priority
                 FROM notify.queue_3 AS j WHERE j.run_at <= now() AND j.priority >= min_priority
                 ORDER BY j.priority DESC, j.run_at, j.event_id LIMIT n - got FOR UPDATE SKIP LOCKED;
         END IF;

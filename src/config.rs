@@ -111,6 +111,14 @@ pub struct WorkerArgs {
           value_parser = clap::value_parser!(i16).range(-1000..=1000))]
     pub express_priority: i16,
 
+    /// While interactive jobs are arriving (the express lane claimed one in the last
+    /// 250 ms), at most this many of the main lane's batches hold jobs below
+    /// NOTIFYD_EXPRESS_PRIORITY; its other batches take interactive jobs only. A bulk
+    /// backlog then leaves the database CPU for interactive events (0: never yield).
+    #[arg(long, env = "NOTIFYD_EXPRESS_BULK_BATCHES", default_value_t = 1,
+          value_parser = clap::value_parser!(u32).range(0..=64))]
+    pub express_bulk_batches: u32,
+
     /// Milliseconds between looks at the queue while nothing is claimable (new and delayed
     /// events are found this way: enqueuing sends no NOTIFY).
     #[arg(long, env = "NOTIFYD_POLL_INTERVAL_MS", default_value_t = 10,
@@ -206,6 +214,7 @@ impl WorkerArgs {
             express: crate::claim::Express {
                 batches: self.express_batches as usize,
                 min_priority: self.express_priority,
+                bulk_batches: self.express_bulk_batches as usize,
             },
         }
     }

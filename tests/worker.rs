@@ -54,6 +54,7 @@ impl Worker {
             express: claim::Express {
                 batches: 1,
                 min_priority: 1,
+                bulk_batches: 1,
             },
         };
         let (stop, rx) = watch::channel(false);

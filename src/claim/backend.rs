@@ -44,6 +44,7 @@ use apalis_core::task::Task;
 use futures::{Sink, StreamExt};
 use sqlx::PgPool;
 
+use super::bulk::{BulkTicket, Yield};
 use crate::db;
 use crate::pipeline::Answer;
 
@@ -59,6 +60,8 @@ pub struct ClaimedJob {
     pub due_ms: i64,
     /// Failed attempts before this one.
     pub attempts: i16,
+    /// The priority of the job's type when it was enqueued.
+    pub priority: i16,
 }
 
 /// The task type of the batch backend: the jobs of one claim, and the open transaction
@@ -70,6 +73,8 @@ pub struct ClaimedJob {
 pub struct ClaimedBatch {
     pub jobs: Vec<ClaimedJob>,
     tx: Arc<std::sync::Mutex<Option<sqlx::Transaction<'static, sqlx::Postgres>>>>,
+    /// Counts the batch as one of the main lane's bulk batches while it lives.
+    bulk: Option<Arc<BulkTicket>>,
 }
 
 impl ClaimedBatch {
@@ -79,6 +84,7 @@ impl ClaimedBatch {
         ClaimedBatch {
             jobs,
             tx: Arc::new(std::sync::Mutex::new(Some(tx))),
+            bulk: None,
         }
     }
 
@@ -108,6 +114,9 @@ pub struct Source {
     pub fetch_batch: usize,
     /// Only jobs of at least this priority (`i16::MIN`: all; the express lane's is higher).
     pub min_priority: i16,
+    /// Shared by the worker's lanes when the main lane yields to interactive jobs
+    /// ([`super::bulk`]): the express lane reports its claims, the main lane narrows its own.
+    pub yield_to: Option<Arc<Yield>>,
     /// How long the claim stream waits after an empty claim.
     pub poll_interval: Duration,
 }
@@ -145,7 +154,11 @@ async fn next_batch(source: &Source) -> ClaimedBatch {
     let mut backoff = Duration::from_millis(100);
     loop {
         let started = std::time::Instant::now();
-        let (pool, n, min) = (source.pool.clone(), source.fetch_batch, source.min_priority);
+        let min = match &source.yield_to {
+            Some(y) if source.min_priority < y.express_min => y.main_floor(),
+            _ => source.min_priority,
+        };
+        let (pool, n) = (source.pool.clone(), source.fetch_batch);
         // In a task of its own, so that a worker stopping mid-claim (dropping this stream)
         // lets the statement finish instead of cutting it off; the claim it returns is then
         // dropped, which rolls it back.
@@ -153,7 +166,15 @@ async fn next_batch(source: &Source) -> ClaimedBatch {
             .await
             .unwrap_or_else(|e| Err(sqlx::Error::Protocol(format!("claim task failed: {e}"))));
         match claimed {
-            Ok(Some(batch)) => {
+            Ok(Some(mut batch)) => {
+                if let Some(y) = &source.yield_to {
+                    if batch.jobs.iter().any(|j| j.priority >= y.express_min) {
+                        y.saw_interactive();
+                    }
+                    if batch.jobs.iter().any(|j| j.priority < y.express_min) {
+                        batch.bulk = Some(Arc::new(y.bulk_ticket()));
+                    }
+                }
                 tracing::debug!(
                     jobs = batch.jobs.len(),
                     claim_ms = started.elapsed().as_secs_f64() * 1e3,
@@ -187,7 +208,8 @@ pub async fn claim_due(
 ) -> Result<Option<ClaimedBatch>, sqlx::Error> {
     let mut tx = db::begin(pool).await?;
     let jobs = sqlx::query(
-        "SELECT slot, tid, event_id, (EXTRACT(EPOCH FROM run_at) * 1000)::bigint, attempts
+        "SELECT slot, tid, event_id, (EXTRACT(EPOCH FROM run_at) * 1000)::bigint, attempts,
+                priority
          FROM notify.claim_jobs($1, $2)",
     )
     .persistent(db::persistent())
@@ -214,11 +236,12 @@ pub async fn claim_events(
     for slot in SLOTS {
         let found = sqlx::query(on_slot(
             "SELECT {slot}::smallint, ctid::text, event_id,
-                    (EXTRACT(EPOCH FROM run_at) * 1000)::bigint, attempts
+                    (EXTRACT(EPOCH FROM run_at) * 1000)::bigint, attempts, priority
              FROM notify.queue_{slot} WHERE event_id = ANY($1)
              ORDER BY event_id FOR UPDATE SKIP LOCKED",
             slot,
         ))
+        .persistent(db::persistent())
         .bind(events)
         .try_map(job_row)
         .fetch_all(&mut *tx)
@@ -247,6 +270,7 @@ fn job_row(row: sqlx::postgres::PgRow) -> Result<ClaimedJob, sqlx::Error> {
         event_id: row.try_get(2)?,
         due_ms: row.try_get(3)?,
         attempts: row.try_get(4)?,
+        priority: row.try_get(5)?,
     })
 }
 

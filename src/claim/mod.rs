@@ -22,6 +22,7 @@
 //! The rooms:
 //! * [`backend`]: the apalis backend, the claim and every statement on the queue's jobs;
 //! * [`rotation`]: the slots' rotation and truncation, one replica at a time;
+//! * [`bulk`]: the main lane yields to interactive jobs while they arrive;
 //! * [`task`]: one batch, processed and committed or rolled back ([`Processor`]), and the
 //!   step that tests drive ([`Processor::run_once`]);
 //! * [`maintenance`]: the instance's row in `apalis.workers` (register, heartbeat, stop).
@@ -46,6 +47,7 @@
 //!   moved into the queue by `notifyd migrate` ([`crate::db::adopt_legacy_jobs`]).
 
 pub mod backend;
+pub mod bulk;
 pub mod maintenance;
 pub mod rotation;
 pub mod task;
@@ -94,6 +96,9 @@ pub struct ClaimSettings {
 pub struct Express {
     pub batches: usize,
     pub min_priority: i16,
+    /// While interactive jobs arrive, the main lane's batches that may hold jobs below
+    /// `min_priority` ([`bulk`]; 0: the main lane never yields).
+    pub bulk_batches: usize,
 }
 
 impl ClaimSettings {
@@ -126,12 +131,14 @@ fn lane(
     name: &str,
     batches: usize,
     min_priority: i16,
+    yield_to: Option<std::sync::Arc<bulk::Yield>>,
     shutdown: &watch::Receiver<bool>,
 ) -> futures::future::BoxFuture<'static, Result<(), WorkerError>> {
     let backend = backend::backend(backend::Source {
         pool: pool.clone(),
         fetch_batch: settings.fetch_batch,
         min_priority,
+        yield_to,
         poll_interval: settings.poll_interval,
     });
     let worker = WorkerBuilder::new(name.to_owned())
@@ -174,6 +181,10 @@ pub async fn run(
             backoff = (backoff * 2).min(Duration::from_secs(10));
             continue;
         }
+        let express = settings.express;
+        let yield_to = (express.batches > 0)
+            .then(|| bulk::Yield::new(express.min_priority, express.bulk_batches))
+            .flatten();
         let mut lanes = vec![lane(
             &pool,
             &settings,
@@ -182,17 +193,19 @@ pub async fn run(
             &name,
             settings.concurrency,
             i16::MIN,
+            yield_to.clone(),
             &shutdown,
         )];
-        if settings.express.batches > 0 {
+        if express.batches > 0 {
             lanes.push(lane(
                 &pool,
                 &settings,
                 &processor,
                 &name,
                 &format!("{name}-express"),
-                settings.express.batches,
-                settings.express.min_priority,
+                express.batches,
+                express.min_priority,
+                yield_to,
                 &shutdown,
             ));
         }

@@ -327,6 +327,7 @@ pub async fn process(r: &Runner, ids: &[i64]) -> Vec<Outcome> {
                 event_id: *event,
                 due_ms: now,
                 attempts: 0,
+                priority: 0,
             })
         })
         .collect();
