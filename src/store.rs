@@ -162,17 +162,17 @@ pub struct Decision {
 }
 
 /// Load the events named by a batch of jobs. Missing ids are simply absent. `outcome` is
-/// the event's as `notify.event_outcomes` has it (`stored` when it has a notification), read
-/// with one index probe per event.
+/// the one written on the event's row (a suppressed or invalid event): a job run twice
+/// for it is answered without the store. A stored event has none there (its record is the
+/// notification); the store statement finds it decided, under the user's lock, as it must
+/// anyway, so the load does not probe the notifications too (1,000 index probes a batch
+/// for the rare second run).
 pub async fn fetch_events<'e>(
     db: impl PgExecutor<'e>,
     ids: &[i64],
 ) -> Result<Vec<EventRow>, sqlx::Error> {
     sqlx::query_as::<_, EventRow>(
-        "SELECT e.id, e.user_id, e.event_type, e.body, e.link,
-                COALESCE(e.outcome,
-                         (SELECT 'stored' FROM notify.notifications AS n
-                          WHERE n.event_id = e.id)) AS outcome
+        "SELECT e.id, e.user_id, e.event_type, e.body, e.link, e.outcome
          FROM notify.events AS e WHERE e.id = ANY($1)",
     )
     .persistent(crate::db::persistent())

@@ -685,3 +685,38 @@ async fn a_repeatable_read_backend_writing_into_a_stale_slot_does_not_strand_its
     assert_eq!(states(&db.pool).await[3], "clean");
     assert_exactly_once(&db, 1).await;
 }
+
+/// A claim from a hint (where the lane's previous claim ended) skips the jobs before it,
+/// which are mostly its own batches in flight, but a job left before it (a batch that
+/// rolled back) is still claimed once the jobs after the hint run short.
+#[tokio::test]
+async fn a_claim_after_a_hint_still_takes_the_jobs_left_before_it() {
+    let db = TestDb::new().await;
+    let events = enqueue_many(&db.pool, "system_alert", 30).await;
+    let (a, hint_a) = backend::claim_after(&db.pool, 10, i16::MIN, None)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(a.events(), events[..10]);
+    let (b, hint_b) = backend::claim_after(&db.pool, 10, i16::MIN, hint_a)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(b.events(), events[10..20], "starts after the first claim");
+    assert_eq!(hint_b.map(|h| h.event_id), Some(events[19]));
+    a.take().unwrap().rollback().await.unwrap();
+    let (c, _) = backend::claim_after(&db.pool, 20, i16::MIN, hint_b)
+        .await
+        .unwrap()
+        .unwrap();
+    let mut got = c.events();
+    got.sort_unstable();
+    let mut want: Vec<i64> = events[..10].iter().chain(&events[20..]).copied().collect();
+    want.sort_unstable();
+    assert_eq!(
+        got, want,
+        "after the hint, then the rolled-back jobs before it"
+    );
+    b.take().unwrap().rollback().await.unwrap();
+    c.take().unwrap().rollback().await.unwrap();
+}

@@ -3,8 +3,8 @@
 //!
 //! **One claim path.** apalis runs the worker (lifecycle, concurrency, graceful shutdown,
 //! tracing) over a small backend of our own ([`backend`]): one apalis task is one claimed
-//! batch of up to `fetch_batch` jobs, locked with `FOR UPDATE SKIP LOCKED` in a
-//! transaction that also does the batch's whole effect and deletes its finished jobs. The
+//! batch of up to `fetch_batch` jobs, locked with `FOR UPDATE SKIP LOCKED` and deleted in a
+//! transaction that also does the batch's whole effect (a rollback gives them back). The
 //! second mode that used to sit beside it, apalis-postgres's own per-job backend (a claim
 //! `UPDATE`, one task, codec, result layer and JSON ack per job, regrouped into store
 //! transactions by a batcher), was retired: it drained 2 x slower when the decision was

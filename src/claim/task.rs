@@ -85,9 +85,9 @@ impl Processor {
         // One registry lookup per batch, not per job (it shows at tens of thousands of
         // jobs per second).
         let wait = histogram!(series::CLAIM_WAIT);
-        let now = chrono::Utc::now().timestamp_millis();
+        let now = chrono::Utc::now().timestamp_micros();
         for job in &batch.jobs {
-            wait.record(now.saturating_sub(job.due_ms).max(0) as f64 / 1e3);
+            wait.record(now.saturating_sub(job.due_us).max(0) as f64 / 1e6);
         }
         let Some(mut tx) = batch.take() else {
             return Ok(Vec::new());

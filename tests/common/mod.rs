@@ -317,7 +317,7 @@ pub async fn process(r: &Runner, ids: &[i64]) -> Vec<Outcome> {
         .into_iter()
         .map(|j| (j.event_id, j))
         .collect();
-    let now = chrono::Utc::now().timestamp_millis();
+    let now = chrono::Utc::now().timestamp_micros();
     let jobs = ids
         .iter()
         .map(|event| {
@@ -325,7 +325,7 @@ pub async fn process(r: &Runner, ids: &[i64]) -> Vec<Outcome> {
                 slot: 0,
                 tid: "(0,0)".to_owned(),
                 event_id: *event,
-                due_ms: now,
+                due_us: now,
                 attempts: 0,
                 priority: 0,
             })
