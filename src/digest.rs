@@ -137,16 +137,22 @@ pub async fn run_once(
     for _ in 0..MAX_CHUNKS {
         // Users that may have room: `due_at` (index `digest_pending_due`) is the earliest
         // time their window can have room, so a user at the limit costs nothing until then.
-        let users: Vec<String> = sqlx::query_scalar(
-            "SELECT DISTINCT user_id FROM notify.digest_pending
-             WHERE due_at <= COALESCE($1::timestamptz, statement_timestamp())
-             ORDER BY user_id LIMIT $2",
+        // Through `db::fetch_all`: outside a transaction, a transaction pooler may run an
+        // unnamed statement's parse and its execution on two server connections.
+        let users: Vec<String> = crate::db::fetch_all(
+            pool,
+            sqlx::query_as::<_, (String,)>(
+                "SELECT DISTINCT user_id FROM notify.digest_pending
+                 WHERE due_at <= COALESCE($1::timestamptz, statement_timestamp())
+                 ORDER BY user_id LIMIT $2",
+            )
+            .bind(now)
+            .bind(CHUNK),
         )
-        .persistent(crate::db::persistent())
-        .bind(now)
-        .bind(CHUNK)
-        .fetch_all(pool)
-        .await?;
+        .await?
+        .into_iter()
+        .map(|(u,)| u)
+        .collect();
         if users.is_empty() {
             break;
         }

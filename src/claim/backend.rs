@@ -14,7 +14,11 @@
 //! * **claim** ([`claim_due`]): `notify.claim_jobs(n)` locks up to `fetch_batch` due jobs
 //!   `FOR UPDATE SKIP LOCKED` and deletes them, from the current slot first, then the
 //!   draining ones, highest priority first in each; they become one task carrying the open
-//!   transaction (until it commits, the delete is the claim's alone: a rollback undoes it). A claim
+//!   transaction (until it commits, the delete is the claim's alone: a rollback undoes it).
+//!   A lane's next claim starts after its previous one ([`Hint`]): the jobs before it are
+//!   mostly the lane's own batches in flight and finished ones, which a claim from the top
+//!   walked every time (17 % of the database's time in a drain); it still takes them when
+//!   the rest runs short, and claims from the top at least once a second. A claim
 //!   happens only when the worker has a free slot (apalis polls the backend only after its
 //!   service is ready), so `concurrency` batches are in flight at most;
 //! * **wake-up**: polling. After an empty claim the stream looks again after
