@@ -287,7 +287,7 @@ pub async fn claim_after(
     hint: Option<Hint>,
 ) -> Result<Option<(ClaimedBatch, Option<Hint>)>, sqlx::Error> {
     let mut tx = db::begin(pool).await?;
-    let jobs = sqlx::query(
+    let mut jobs = sqlx::query(
         "SELECT slot, tid, event_id, (EXTRACT(EPOCH FROM run_at) * 1000000)::bigint, attempts,
                 priority
          FROM notify.claim_jobs($1, $2, $3, $4,
@@ -321,7 +321,6 @@ pub async fn claim_after(
             event_id: j.event_id,
         });
     // A DELETE returns its rows in table order; hand them on in the claim's order.
-    let mut jobs = jobs;
     jobs.sort_by_key(order);
     Ok(Some((ClaimedBatch::new(tx, jobs), next)))
 }
