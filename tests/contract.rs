@@ -1059,3 +1059,188 @@ async fn enqueue_sends_no_notify() {
     let heard = first_heard_after_enqueue(&db, "marker-2").await;
     assert!(heard.contains("notifyd.events"), "{heard}");
 }
+
+/// The three text checks, as released in `20261122000001_notify_schema.sql`, written out
+/// inline: the reference that the function-based checks of
+/// `20261207000200_event_checks_as_functions.sql` must agree with, value for value.
+const RELEASED_CHECKS: [(&str, &str); 3] = [
+    (
+        "notify.event_user_id_is_valid",
+        r"char_length(v) BETWEEN 1 AND 128
+          AND v !~ '[[:cntrl:]\s\u00a0\u1680\u2000-\u200b\u2028\u2029\u202f\u205f\u3000\ufeff]'",
+    ),
+    (
+        "notify.event_body_is_valid",
+        r"char_length(v) BETWEEN 1 AND 1000
+          AND v ~ '[^\s\u00a0\u1680\u2000-\u200b\u2028\u2029\u202f\u205f\u3000\ufeff]'",
+    ),
+    (
+        "notify.event_link_is_safe",
+        r#"char_length(v) <= 2048
+          AND v !~ '[[:cntrl:]\s\u00a0\u2000-\u200b\u2028\u2029\u3000\\''"`<>]'
+          AND (v ~ '^/([^/]|$)'
+               OR v ~* ('^https?://[a-z0-9]([a-z0-9.-]*[a-z0-9])?'
+                        '(:([0-9]{1,4}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5]))?'
+                        '([/?#]|$)'))"#,
+    ),
+];
+
+/// Values near every edge of the three checks: each space and control character they
+/// list, lengths at and past the limits, and links an attacker would try.
+fn check_corpus() -> Vec<String> {
+    let mut v: Vec<String> = [
+        "",
+        "a",
+        "42",
+        "user-7@example.com",
+        "Ünïcödé",
+        "日本語",
+        "a b",
+        " ",
+        "/",
+        "//x",
+        "/a",
+        "/inbox/7?x=1#y",
+        "/\\x",
+        "http://a",
+        "https://a.b:65535/",
+        "https://a.b:65536/",
+        "http://a.b:0/",
+        "HTTPS://EXAMPLE.COM/",
+        "http://-a.com/",
+        "http://a-.com/",
+        "http://user@host/",
+        "javascript:alert(1)",
+        "http://a/'",
+        "http://a/\"",
+        "http://a/`",
+        "http://a/<",
+        "http://a/>",
+        "http://a/\\",
+        "ftp://a/",
+        "http:/a",
+        "http://a?q",
+        "http://a#f",
+        "http://a:/",
+        "&amp;",
+        "<b>hi</b>",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    for c in [
+        '\u{1}', '\t', '\n', '\r', '\u{b}', '\u{c}', '\u{1f}', '\u{7f}', '\u{85}', '\u{9f}',
+        '\u{a0}', '\u{1680}', '\u{180e}', '\u{2000}', '\u{2007}', '\u{200a}', '\u{200b}',
+        '\u{200c}', '\u{2028}', '\u{2029}', '\u{202f}', '\u{205f}', '\u{3000}', '\u{feff}',
+    ] {
+        v.push(c.to_string());
+        v.push(format!("a{c}b"));
+        v.push(format!("/a{c}b"));
+        v.push(format!("http://a.com/{c}"));
+    }
+    for n in [127, 128, 129, 999, 1000, 1001, 2047, 2048, 2049] {
+        v.push("x".repeat(n));
+        v.push(format!("/{}", "é".repeat(n - 1)));
+    }
+    v
+}
+
+/// The function-based checks refuse exactly what the released inline checks refused, in
+/// the server's locale, for every value of the corpus; and a caller's session settings
+/// cannot change them (standard_conforming_strings off, a search_path that puts a
+/// caller's own `!~` before pg_catalog's).
+#[tokio::test]
+async fn function_checks_refuse_exactly_what_the_released_checks_refused() {
+    let db = TestDb::new().await;
+    let corpus = check_corpus();
+    for (function, expression) in RELEASED_CHECKS {
+        let disagree: Vec<(String, Option<bool>, Option<bool>)> =
+            sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                "SELECT v, {function}(v), ({expression})
+                 FROM unnest($1::text[]) AS t(v)
+                 WHERE {function}(v) IS DISTINCT FROM ({expression})"
+            )))
+            .bind(&corpus)
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+        assert!(disagree.is_empty(), "{function}: {disagree:?}");
+    }
+    // The corpus reaches both answers of every check.
+    for (function, _) in RELEASED_CHECKS {
+        let (yes, no): (i64, i64) = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT count(*) FILTER (WHERE {function}(v)), count(*) FILTER (WHERE NOT {function}(v))
+             FROM unnest($1::text[]) AS t(v)"
+        )))
+        .bind(&corpus)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        assert!(
+            yes > 5 && no > 5,
+            "{function}: {yes} accepted, {no} refused"
+        );
+    }
+
+    // A hostile session: its own `!~` that matches nothing, first on its search_path, and
+    // the pre-9.1 string syntax. The checks still refuse, with their names.
+    sqlx::raw_sql(
+        "CREATE SCHEMA evil;
+         CREATE FUNCTION evil.never(text, text) RETURNS boolean LANGUAGE sql AS 'SELECT false';
+         CREATE OPERATOR evil.!~ (LEFTARG = text, RIGHTARG = text, FUNCTION = evil.never);
+         CREATE OPERATOR evil.~ (LEFTARG = text, RIGHTARG = text, FUNCTION = evil.never)",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let mut conn = PgConnection::connect(&db.url).await.unwrap();
+    sqlx::query("SET search_path = evil, pg_catalog, public")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    sqlx::query("SET standard_conforming_strings = off")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    // The session's own operator is the one an unqualified `!~` finds there.
+    let fooled: bool = sqlx::query_scalar("SELECT 'a'::text !~ 'b'::text")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert!(
+        !fooled,
+        "the hostile session should resolve !~ to evil.never"
+    );
+    for (user, body, link, constraint) in [
+        ("a b", "hi", None, "events_user_id_valid"),
+        ("a\u{2028}b", "hi", None, "events_user_id_valid"),
+        ("42", "\u{3000}", None, "events_body_length"),
+        ("42", "hi", Some("/a\\b"), "events_link_safe"),
+        ("42", "hi", Some("/a b"), "events_link_safe"),
+        ("42", "hi", Some("javascript:alert(1)"), "events_link_safe"),
+    ] {
+        let r = sqlx::query(
+            "INSERT INTO notify.events (user_id, event_type, body, link)
+             VALUES ($1, 'new_message', $2, $3)",
+        )
+        .bind(user)
+        .bind(body)
+        .bind(link)
+        .execute(&mut conn)
+        .await;
+        assert_refused(
+            r,
+            "23514",
+            Some(constraint),
+            &format!("{user:?} {body:?} {link:?}"),
+        );
+    }
+    // And what is valid stays valid in that session.
+    sqlx::query(
+        "INSERT INTO notify.events (user_id, event_type, body, link)
+         VALUES ('42', 'new_message', 'hi', '/inbox/7')",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+}
