@@ -22,7 +22,9 @@
 //!
 //! How an answer is decided (see `watermark.rs` for why the cache can be trusted):
 //! 1. cached snapshot, `after ≥` the feed's newest id: answer from memory, no query;
-//! 2. cached snapshot, something newer: one page query; unread count from the cache;
+//! 2. cached snapshot, something newer: one page query; unread count from the cache,
+//!    which is exact only up to the snapshot's newest id, so when the page holds rows
+//!    above it (committed, not yet announced to this process) the answer is path 3's;
 //! 3. no snapshot (or no `after`): one statement for page and snapshot, which refills
 //!    the cache.
 
@@ -412,12 +414,18 @@ pub async fn read(
         }
         state.metrics().count_query();
         let rows = reads::page(state.pool(), uid, feed, Some(after), query.limit).await?;
-        let next_after = rows.last_id().unwrap_or(after);
-        return Ok(NotificationPage {
-            notifications: rows,
-            next_after,
-            unread_count: snapshot.unread,
-        });
+        // The snapshot's count is exact up to its ceiling only. Rows above it committed
+        // after the snapshot, and their announcement has not reached the cache yet: a
+        // client takes `unread_count` as exact up to `next_after`, so answer those from
+        // one statement instead (it refills the cache too).
+        if rows.last_id().is_none_or(|id| id <= snapshot.ceiling()) {
+            let next_after = rows.last_id().unwrap_or(after);
+            return Ok(NotificationPage {
+                notifications: rows,
+                next_after,
+                unread_count: snapshot.unread,
+            });
+        }
     }
 
     let ticket = cache.begin_fill(uid);
