@@ -29,11 +29,15 @@
 -- names and behaviour are those of the previous release.
 --
 -- The swap is one ALTER TABLE, so the table is never without its checks. It needs the
--- table's ACCESS EXCLUSIVE lock for a moment; lock_timeout makes the migration fail with
--- "canceling statement due to lock timeout" instead of queueing every backend INSERT
--- behind a transaction that holds the table (run `notifyd migrate` again).
+-- table's ACCESS EXCLUSIVE lock for a moment, and while it waits for that lock every
+-- backend INSERT and worker UPDATE of the table queues behind it. lock_timeout bounds
+-- that wait to 1 s: behind a transaction that holds the table, the migration fails with
+-- "canceling statement due to lock timeout", nothing has changed, and `notifyd migrate`
+-- can simply run again.
+-- The backend and worker roles need EXECUTE on the functions (PUBLIC has it by default;
+-- `notifyd grants` grants it explicitly).
 
-SET LOCAL lock_timeout = '5s';
+SET LOCAL lock_timeout = '1s';
 
 CREATE FUNCTION notify.event_user_id_is_valid(v text) RETURNS boolean
 LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE AS $$

@@ -66,6 +66,9 @@ const BACKEND: &[&str] = &[
     "GRANT SELECT, INSERT, UPDATE, DELETE ON notify.preferences TO {}",
     "GRANT SELECT, UPDATE (read_at) ON notify.notifications TO {}",
     "GRANT SELECT ON notify.event_outcomes TO {}",
+    // The checks of notify.events call these (migration 20261207000200): explicit, so a
+    // database that revoked EXECUTE from PUBLIC still takes the backend's INSERT.
+    "GRANT EXECUTE ON FUNCTION notify.event_user_id_is_valid(text), notify.event_body_is_valid(text), notify.event_link_is_safe(text) TO {}",
     "GRANT SELECT, INSERT, UPDATE (priority, critical, max_per_window, digest_label) ON notify.event_types TO {}",
 ];
 
@@ -77,6 +80,8 @@ const WORKER: &[&str] = &[
     "GRANT SELECT, UPDATE ON notify.queue_slots TO {}",
     "GRANT SELECT ON notify.queue TO {}",
     "GRANT SELECT, DELETE, UPDATE (outcome, outcome_reason, processed_at) ON notify.events TO {}",
+    // Its outcome UPDATE runs the checks of notify.events too.
+    "GRANT EXECUTE ON FUNCTION notify.event_user_id_is_valid(text), notify.event_body_is_valid(text), notify.event_link_is_safe(text) TO {}",
     "GRANT SELECT, INSERT, DELETE, UPDATE (read_at) ON notify.notifications TO {}",
     "GRANT SELECT, INSERT, UPDATE, DELETE ON notify.rate_windows TO {}",
     "GRANT SELECT, INSERT, UPDATE, DELETE ON notify.digest_pending TO {}",

@@ -1124,6 +1124,14 @@ fn check_corpus() -> Vec<String> {
         "http://a:/",
         "&amp;",
         "<b>hi</b>",
+        "http://a.b:99999/",
+        "http://a.b:65539/",
+        "🎉",
+        "a🎉b",
+        "/🎉",
+        "su0a",
+        "\\s",
+        "\\u00a0",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -1132,6 +1140,7 @@ fn check_corpus() -> Vec<String> {
         '\u{1}', '\t', '\n', '\r', '\u{b}', '\u{c}', '\u{1f}', '\u{7f}', '\u{85}', '\u{9f}',
         '\u{a0}', '\u{1680}', '\u{180e}', '\u{2000}', '\u{2007}', '\u{200a}', '\u{200b}',
         '\u{200c}', '\u{2028}', '\u{2029}', '\u{202f}', '\u{205f}', '\u{3000}', '\u{feff}',
+        '\u{1fff}',
     ] {
         v.push(c.to_string());
         v.push(format!("a{c}b"));
@@ -1182,13 +1191,52 @@ async fn function_checks_refuse_exactly_what_the_released_checks_refused() {
         );
     }
 
-    // A hostile session: its own `!~` that matches nothing, first on its search_path, and
-    // the pre-9.1 string syntax. The checks still refuse, with their names.
+    // The constraints are the function calls (else the rest would test nothing).
+    let defs: Vec<String> = sqlx::query_scalar(
+        "SELECT pg_get_constraintdef(oid) FROM pg_constraint
+         WHERE conrelid = 'notify.events'::regclass
+           AND conname IN ('events_user_id_valid', 'events_body_length', 'events_link_safe')
+         ORDER BY conname",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(defs.len(), 3, "{defs:?}");
+    for (def, function) in defs.iter().zip([
+        "notify.event_body_is_valid(body)",
+        "notify.event_link_is_safe(link)",
+        "notify.event_user_id_is_valid(user_id)",
+    ]) {
+        assert!(def.contains(function), "{def}");
+    }
+
+    // A hostile session: first on its search_path, its own operators and char_length that
+    // let everything through, and the pre-9.1 string syntax. The checks still answer as
+    // released, for the whole corpus, and still refuse, with their names.
+    let reference: Vec<Vec<Option<bool>>> = {
+        let mut all = Vec::new();
+        for (function, _) in RELEASED_CHECKS {
+            let answers: Vec<Option<bool>> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+                "SELECT {function}(v) FROM unnest($1::text[]) WITH ORDINALITY AS t(v, i) ORDER BY i"
+            )))
+            .bind(&corpus)
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+            all.push(answers);
+        }
+        all
+    };
     sqlx::raw_sql(
         "CREATE SCHEMA evil;
-         CREATE FUNCTION evil.never(text, text) RETURNS boolean LANGUAGE sql AS 'SELECT false';
-         CREATE OPERATOR evil.!~ (LEFTARG = text, RIGHTARG = text, FUNCTION = evil.never);
-         CREATE OPERATOR evil.~ (LEFTARG = text, RIGHTARG = text, FUNCTION = evil.never)",
+         CREATE FUNCTION evil.always(text, text) RETURNS boolean LANGUAGE sql AS 'SELECT true';
+         CREATE FUNCTION evil.always_int(integer, integer) RETURNS boolean LANGUAGE sql AS 'SELECT true';
+         CREATE FUNCTION evil.char_length(text) RETURNS integer LANGUAGE sql AS 'SELECT 1';
+         CREATE OPERATOR evil.!~ (LEFTARG = text, RIGHTARG = text, FUNCTION = evil.always);
+         CREATE OPERATOR evil.~ (LEFTARG = text, RIGHTARG = text, FUNCTION = evil.always);
+         CREATE OPERATOR evil.~* (LEFTARG = text, RIGHTARG = text, FUNCTION = evil.always);
+         CREATE OPERATOR evil.<= (LEFTARG = integer, RIGHTARG = integer, FUNCTION = evil.always_int);
+         CREATE OPERATOR evil.>= (LEFTARG = integer, RIGHTARG = integer, FUNCTION = evil.always_int)",
     )
     .execute(&db.pool)
     .await
@@ -1202,15 +1250,36 @@ async fn function_checks_refuse_exactly_what_the_released_checks_refused() {
         .execute(&mut conn)
         .await
         .unwrap();
-    // The session's own operator is the one an unqualified `!~` finds there.
-    let fooled: bool = sqlx::query_scalar("SELECT 'a'::text !~ 'b'::text")
-        .fetch_one(&mut conn)
+    // The session's own operators and function are what unqualified names find there.
+    let fooled: (bool, bool, i32) =
+        sqlx::query_as("SELECT 'a'::text !~ 'a'::text, 2000 <= 1, char_length('abc'::text)")
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+    assert_eq!(
+        fooled,
+        (true, true, 1),
+        "the hostile session's names are not in effect"
+    );
+    for ((function, _), want) in RELEASED_CHECKS.iter().zip(&reference) {
+        let got: Vec<Option<bool>> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT {function}(v) FROM unnest($1::text[]) WITH ORDINALITY AS t(v, i) ORDER BY i"
+        )))
+        .bind(&corpus)
+        .fetch_all(&mut conn)
         .await
         .unwrap();
-    assert!(
-        !fooled,
-        "the hostile session should resolve !~ to evil.never"
-    );
+        let differ: Vec<&String> = corpus
+            .iter()
+            .zip(got.iter().zip(want))
+            .filter(|(_, (g, w))| g != w)
+            .map(|(v, _)| v)
+            .collect();
+        assert!(
+            differ.is_empty(),
+            "{function} in a hostile session: {differ:?}"
+        );
+    }
     for (user, body, link, constraint) in [
         ("a b", "hi", None, "events_user_id_valid"),
         ("a\u{2028}b", "hi", None, "events_user_id_valid"),

@@ -517,41 +517,54 @@ async fn read_state_announcements_are_split_under_the_notify_limit() {
 /// A page from a cached snapshot that holds rows committed after it (their announcement
 /// not yet heard: here it is never sent) still carries the database's unread count, since
 /// clients take the count as exact up to `next_after` (clients/js: a lower count there
-/// stayed until the next refresh, 30 s later).
+/// stayed until the next refresh, 30 s later). Each feed with a user of its own, so each
+/// meets a stale snapshot.
 #[tokio::test]
 async fn a_page_past_the_cached_snapshot_counts_from_the_database() {
     let s = Server::start().await;
-    add(&s.db, "alice", 3).await;
-    let t = token("alice");
-    let cursor = s.page(LIST, &t).await["next_after"].as_i64().unwrap();
-    // One more, announced; wait until the cache holds a snapshot that knows it.
-    let known = add(&s.db, "alice", 1).await[0];
-    eventually(Duration::from_secs(10), || async {
-        let before = s.state.metrics().cache_answers();
-        let p = s.page(&format!("{LIST}?after={known}"), &t).await;
-        (s.state.metrics().cache_answers() > before && ids(&p).is_empty()).then_some(())
-    })
-    .await;
+    for (user, path) in [("alice", LIST), ("bob", UNREAD)] {
+        add(&s.db, user, 3).await;
+        let t = token(user);
+        let cursor = s.page(path, &t).await["next_after"].as_i64().unwrap();
+        // One more, announced; wait until the cache holds a snapshot that knows it.
+        let known = add(&s.db, user, 1).await[0];
+        eventually(Duration::from_secs(10), || async {
+            let before = s.state.metrics().cache_answers();
+            let p = s.page(&format!("{path}?after={known}"), &t).await;
+            (s.state.metrics().cache_answers() > before && ids(&p).is_empty()).then_some(())
+        })
+        .await;
 
-    // Two rows committed without an announcement: the cache still says 4 unread.
-    let mut quiet: Vec<i64> = sqlx::query_scalar(
-        "INSERT INTO notify.notifications (user_id, event_id, event_type, body, created_at)
-         SELECT 'alice', nextval(pg_get_serial_sequence('notify.events', 'id')),
-                'new_message', 'quiet ' || g, now()
-         FROM generate_series(1, 2) AS g ORDER BY g RETURNING id",
-    )
-    .fetch_all(&s.db.pool)
-    .await
-    .unwrap();
-    quiet.sort_unstable();
-    let want = vec![known, quiet[0], quiet[1]];
-    for path in [LIST, UNREAD] {
+        // Two rows committed without an announcement: the cache still says 4 unread.
+        let mut quiet: Vec<i64> = sqlx::query_scalar(
+            "INSERT INTO notify.notifications (user_id, event_id, event_type, body, created_at)
+             SELECT $1, nextval(pg_get_serial_sequence('notify.events', 'id')),
+                    'new_message', 'quiet ' || g, now()
+             FROM generate_series(1, 2) AS g ORDER BY g RETURNING id",
+        )
+        .bind(user)
+        .fetch_all(&s.db.pool)
+        .await
+        .unwrap();
+        quiet.sort_unstable();
+        let queries = s.state.metrics().queries();
         let p = s.page(&format!("{path}?after={cursor}"), &t).await;
-        assert_eq!(ids(&p), want, "{path}");
+        assert_eq!(ids(&p), vec![known, quiet[0], quiet[1]], "{path}");
         assert_eq!(p["next_after"], quiet[1], "{path}");
         assert_eq!(
             p["unread_count"], 6,
             "{path}: the count must cover next_after"
         );
+        assert_eq!(
+            s.state.metrics().queries() - queries,
+            2,
+            "{path}: the page query, then the one statement"
+        );
+        // The refilled snapshot knows them: a page within it is one query again.
+        let queries = s.state.metrics().queries();
+        let p = s.page(&format!("{path}?after={known}"), &t).await;
+        assert_eq!(ids(&p), quiet, "{path}");
+        assert_eq!(p["unread_count"], 6, "{path}");
+        assert_eq!(s.state.metrics().queries() - queries, 1, "{path}");
     }
 }
