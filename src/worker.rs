@@ -228,6 +228,7 @@ async fn cleanup_loop(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut tick: u64 = 0;
+    let mut vacuum = cleanup::VacuumNet::new(cleanup::VACUUM_BACKOFF);
     loop {
         if tick.is_multiple_of(60) {
             match cleanup::run_once(&pool, retention).await {
@@ -237,7 +238,7 @@ async fn cleanup_loop(
             }
         }
         if tick.is_multiple_of(6)
-            && let Err(e) = cleanup::vacuum_if_needed(&pool, VACUUM_MIN_DEAD).await
+            && let Err(e) = vacuum.run(&pool, VACUUM_MIN_DEAD).await
         {
             tracing::warn!(error = %e, "vacuum check failed; will try again");
         }

@@ -70,6 +70,84 @@ async fn dead_tuples_are_vacuumed_even_without_autovacuum() {
     }
 }
 
+/// Behind a held snapshot a VACUUM removes nothing, so the net leaves the table alone for a
+/// while instead of scanning it again every pass; once the snapshot ends, the next try
+/// after the hold removes the dead tuples.
+#[tokio::test]
+async fn a_vacuum_that_a_held_snapshot_defeats_is_not_repeated_every_pass() {
+    let db = TestDb::new().await;
+    let pool = &db.pool;
+    sqlx::query("ALTER TABLE notify.events SET (autovacuum_enabled = false)")
+        .execute(pool)
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO notify.events (user_id, event_type, body)
+         SELECT 'u' || g, 'new_message', 'hello ' || g FROM generate_series(1, 2000) AS g",
+    )
+    .execute(pool)
+    .await
+    .unwrap();
+    // A snapshot taken before the rows die: it may still see them.
+    let mut held = pool.begin().await.unwrap();
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        .execute(&mut *held)
+        .await
+        .unwrap();
+    sqlx::query("SELECT count(*) FROM notify.events")
+        .execute(&mut *held)
+        .await
+        .unwrap();
+    for _ in 0..2 {
+        sqlx::query("UPDATE notify.events SET processed_at = now()")
+            .execute(pool)
+            .await
+            .unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while dead_tuples(pool).await < 4000 {
+        assert!(Instant::now() < deadline, "the dead tuples never showed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let hold = Duration::from_millis(1500);
+    let mut net = notifyd::cleanup::VacuumNet::new(hold);
+    let first = net.run(pool, 1000).await.unwrap();
+    assert!(first.contains(&"notify.events".to_owned()), "{first:?}");
+    assert!(
+        dead_tuples(pool).await >= 4000,
+        "the held snapshot should have kept the dead tuples"
+    );
+    // The next passes, still within the hold: the table is left alone.
+    for _ in 0..3 {
+        let again = net.run(pool, 1000).await.unwrap();
+        assert!(!again.contains(&"notify.events".to_owned()), "{again:?}");
+    }
+
+    held.rollback().await.unwrap();
+    // After the hold, the next pass vacuums again, and this time the tuples go.
+    let started = Instant::now();
+    let done = loop {
+        let r = net.run(pool, 1000).await.unwrap();
+        if r.contains(&"notify.events".to_owned()) {
+            break started.elapsed();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the net never tried again"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        done + Duration::from_millis(200) >= hold / 2,
+        "tried again too soon: {done:?}"
+    );
+    assert!(
+        dead_tuples(pool).await < 4000,
+        "the second vacuum removed nothing"
+    );
+}
+
 /// Rows of `notify.rate_windows` that can no longer change a decision are deleted: no stamp
 /// at all (a user whose batches stored nothing still gets a row, which is the store's lock)
 /// or only stamps older than the longest window. A recent one stays.
