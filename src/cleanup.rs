@@ -265,12 +265,13 @@ impl VacuumNet {
             if dead < min_dead.max(live / 4) {
                 continue;
             }
+            let name = format!("{schema}.{table}");
             if !owner {
-                not_owned.push(format!("{schema}.{table}"));
+                not_owned.push(name);
                 continue;
             }
             let started = Instant::now();
-            let statement = format!("VACUUM (SKIP_LOCKED) {schema}.{table}");
+            let statement = format!("VACUUM (SKIP_LOCKED) {name}");
             let result = if pooled {
                 sqlx::raw_sql(sqlx::AssertSqlSafe(statement))
                     .execute(pool)
@@ -294,7 +295,7 @@ impl VacuumNet {
                     .map_or(self.backoff, |(_, h)| (*h * 2).min(VACUUM_BACKOFF_MAX));
                 self.held.insert(table, (Instant::now() + hold, hold));
                 tracing::info!(
-                    table = %format!("{schema}.{table}"),
+                    table = %name,
                     dead_tuples = dead,
                     left,
                     secs,
@@ -305,7 +306,7 @@ impl VacuumNet {
             } else {
                 self.held.remove(table);
                 tracing::info!(
-                    table = %format!("{schema}.{table}"),
+                    table = %name,
                     dead_tuples = dead,
                     live_tuples = live,
                     left,
@@ -313,7 +314,7 @@ impl VacuumNet {
                     "vacuumed (dead tuples were piling up; is autovacuum off?)"
                 );
             }
-            vacuumed.push(format!("{schema}.{table}"));
+            vacuumed.push(name);
         }
         if !not_owned.is_empty() && !NOT_OWNER_SAID.swap(true, std::sync::atomic::Ordering::Relaxed)
         {

@@ -17,10 +17,8 @@ async fn dead_tuples(pool: &sqlx::PgPool) -> i64 {
     .unwrap()
 }
 
-#[tokio::test]
-async fn dead_tuples_are_vacuumed_even_without_autovacuum() {
-    let db = TestDb::new().await;
-    let pool = &db.pool;
+/// 2,000 events in a `notify.events` that autovacuum leaves alone.
+async fn events_without_autovacuum(pool: &sqlx::PgPool) {
     sqlx::query("ALTER TABLE notify.events SET (autovacuum_enabled = false)")
         .execute(pool)
         .await
@@ -32,7 +30,11 @@ async fn dead_tuples_are_vacuumed_even_without_autovacuum() {
     .execute(pool)
     .await
     .unwrap();
-    // Two row versions die per event: what recording outcomes does to the table.
+}
+
+/// Two row versions die per event (what recording outcomes does to the table); returns
+/// once the statistics show the 4,000 dead tuples.
+async fn kill_each_row_twice(pool: &sqlx::PgPool) {
     for _ in 0..2 {
         sqlx::query("UPDATE notify.events SET processed_at = now()")
             .execute(pool)
@@ -48,6 +50,14 @@ async fn dead_tuples_are_vacuumed_even_without_autovacuum() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+#[tokio::test]
+async fn dead_tuples_are_vacuumed_even_without_autovacuum() {
+    let db = TestDb::new().await;
+    let pool = &db.pool;
+    events_without_autovacuum(pool).await;
+    kill_each_row_twice(pool).await;
 
     // Below the threshold: nothing happens.
     let none = notifyd::cleanup::vacuum_if_needed(pool, 1_000_000)
@@ -77,17 +87,7 @@ async fn dead_tuples_are_vacuumed_even_without_autovacuum() {
 async fn a_vacuum_that_a_held_snapshot_defeats_is_not_repeated_every_pass() {
     let db = TestDb::new().await;
     let pool = &db.pool;
-    sqlx::query("ALTER TABLE notify.events SET (autovacuum_enabled = false)")
-        .execute(pool)
-        .await
-        .unwrap();
-    sqlx::query(
-        "INSERT INTO notify.events (user_id, event_type, body)
-         SELECT 'u' || g, 'new_message', 'hello ' || g FROM generate_series(1, 2000) AS g",
-    )
-    .execute(pool)
-    .await
-    .unwrap();
+    events_without_autovacuum(pool).await;
     // A snapshot taken before the rows die: it may still see them.
     let mut held = pool.begin().await.unwrap();
     sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
@@ -98,17 +98,7 @@ async fn a_vacuum_that_a_held_snapshot_defeats_is_not_repeated_every_pass() {
         .execute(&mut *held)
         .await
         .unwrap();
-    for _ in 0..2 {
-        sqlx::query("UPDATE notify.events SET processed_at = now()")
-            .execute(pool)
-            .await
-            .unwrap();
-    }
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while dead_tuples(pool).await < 4000 {
-        assert!(Instant::now() < deadline, "the dead tuples never showed");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    kill_each_row_twice(pool).await;
 
     let hold = Duration::from_millis(1500);
     let mut net = notifyd::cleanup::VacuumNet::new(hold);

@@ -1154,6 +1154,21 @@ fn check_corpus() -> Vec<String> {
     v
 }
 
+/// What `function` answers for each value of `corpus`, in order, on `conn`'s session.
+async fn check_answers(
+    conn: impl sqlx::PgExecutor<'_>,
+    function: &str,
+    corpus: &[String],
+) -> Vec<Option<bool>> {
+    sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT {function}(v) FROM unnest($1::text[]) WITH ORDINALITY AS t(v, i) ORDER BY i"
+    )))
+    .bind(corpus)
+    .fetch_all(conn)
+    .await
+    .unwrap()
+}
+
 /// The function-based checks refuse exactly what the released inline checks refused, in
 /// the server's locale, for every value of the corpus; and a caller's session settings
 /// cannot change them (standard_conforming_strings off, a search_path that puts a
@@ -1216,14 +1231,7 @@ async fn function_checks_refuse_exactly_what_the_released_checks_refused() {
     let reference: Vec<Vec<Option<bool>>> = {
         let mut all = Vec::new();
         for (function, _) in RELEASED_CHECKS {
-            let answers: Vec<Option<bool>> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-                "SELECT {function}(v) FROM unnest($1::text[]) WITH ORDINALITY AS t(v, i) ORDER BY i"
-            )))
-            .bind(&corpus)
-            .fetch_all(&db.pool)
-            .await
-            .unwrap();
-            all.push(answers);
+            all.push(check_answers(&db.pool, function, &corpus).await);
         }
         all
     };
@@ -1262,13 +1270,7 @@ async fn function_checks_refuse_exactly_what_the_released_checks_refused() {
         "the hostile session's names are not in effect"
     );
     for ((function, _), want) in RELEASED_CHECKS.iter().zip(&reference) {
-        let got: Vec<Option<bool>> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-            "SELECT {function}(v) FROM unnest($1::text[]) WITH ORDINALITY AS t(v, i) ORDER BY i"
-        )))
-        .bind(&corpus)
-        .fetch_all(&mut conn)
-        .await
-        .unwrap();
+        let got = check_answers(&mut conn, function, &corpus).await;
         let differ: Vec<&String> = corpus
             .iter()
             .zip(got.iter().zip(want))
