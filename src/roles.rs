@@ -61,14 +61,16 @@ pub struct GrantsArgs {
 /// The grants of each role, after its schema-wide revoke. `{}` is the role.
 const BACKEND: &[&str] = &[
     "GRANT USAGE ON SCHEMA notify TO {}",
-    "GRANT SELECT, INSERT ON notify.events TO {}",
+    // Every column but `txid` (migration 20261208000001): notifyd's own, the intake's key;
+    // an INSERT that names it is refused, so a backend cannot hide an event from the intake.
+    "GRANT SELECT, INSERT (user_id, event_type, body, link, idempotency_key, run_at, created_at, outcome, outcome_reason, processed_at) ON notify.events TO {}",
     "GRANT SELECT, INSERT ON notify.new_events TO {}",
     "GRANT SELECT, INSERT, UPDATE, DELETE ON notify.preferences TO {}",
     "GRANT SELECT, UPDATE (read_at) ON notify.notifications TO {}",
     "GRANT SELECT ON notify.event_outcomes TO {}",
     // The checks of notify.events call these (migration 20261207000200): explicit, so a
     // database that revoked EXECUTE from PUBLIC still takes the backend's INSERT.
-    "GRANT EXECUTE ON FUNCTION notify.event_user_id_is_valid(text), notify.event_body_is_valid(text), notify.event_link_is_safe(text) TO {}",
+    "GRANT EXECUTE ON FUNCTION notify.event_user_id_is_valid(text), notify.event_body_is_valid(text), notify.event_link_is_safe(text), notify.event_type_is_known(text) TO {}",
     "GRANT SELECT, INSERT, UPDATE (priority, critical, max_per_window, digest_label) ON notify.event_types TO {}",
 ];
 
@@ -81,7 +83,11 @@ const WORKER: &[&str] = &[
     "GRANT SELECT ON notify.queue TO {}",
     "GRANT SELECT, DELETE, UPDATE (outcome, outcome_reason, processed_at) ON notify.events TO {}",
     // Its outcome UPDATE runs the checks of notify.events too.
-    "GRANT EXECUTE ON FUNCTION notify.event_user_id_is_valid(text), notify.event_body_is_valid(text), notify.event_link_is_safe(text) TO {}",
+    "GRANT EXECUTE ON FUNCTION notify.event_user_id_is_valid(text), notify.event_body_is_valid(text), notify.event_link_is_safe(text), notify.event_type_is_known(text) TO {}",
+    // The intake (migration 20261208000001, `claim::intake`).
+    "GRANT SELECT ON notify.intake TO {}",
+    "GRANT SELECT, INSERT, DELETE ON notify.intake_steps TO {}",
+    "GRANT EXECUTE ON FUNCTION notify.take_in(integer, integer), notify.take_in_step(integer, integer), notify.intake_backlog() TO {}",
     "GRANT SELECT, INSERT, DELETE, UPDATE (read_at) ON notify.notifications TO {}",
     "GRANT SELECT, INSERT, UPDATE, DELETE ON notify.rate_windows TO {}",
     "GRANT SELECT, INSERT, UPDATE, DELETE ON notify.digest_pending TO {}",

@@ -22,6 +22,7 @@
 //! The rooms:
 //! * [`backend`]: the apalis backend, the claim and every statement on the queue's jobs;
 //! * [`rotation`]: the slots' rotation and truncation, one replica at a time;
+//! * [`intake`]: committed events taken into the queue, when the enqueue trigger is off;
 //! * [`bulk`]: the main lane yields to interactive jobs while they arrive;
 //! * [`task`]: one batch, processed and committed or rolled back ([`Processor`]), and the
 //!   step that tests drive ([`Processor::run_once`]);
@@ -48,6 +49,7 @@
 
 pub mod backend;
 pub mod bulk;
+pub mod intake;
 pub mod maintenance;
 pub mod rotation;
 pub mod task;
@@ -219,6 +221,9 @@ pub async fn run(
         );
         let rotate =
             tokio::spawn(rotation::run(pool.clone(), ROTATION_TICK).instrument(span.clone()));
+        let take_in = tokio::spawn(
+            intake::run(pool.clone(), settings.poll_interval).instrument(span.clone()),
+        );
         let started = Instant::now();
         span.in_scope(|| tracing::info!("worker started"));
         let mut deadline = shutdown.clone();
@@ -235,6 +240,7 @@ pub async fn run(
         };
         beat.abort();
         rotate.abort();
+        take_in.abort();
         maintenance::mark_stopped(&pool, &name, settings.silent_after()).await;
         match result {
             None => {

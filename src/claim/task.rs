@@ -69,9 +69,10 @@ impl Processor {
         self.committed.load(Ordering::Relaxed)
     }
 
-    /// Claim one batch of up to `fetch_batch` due jobs and process it: the worker's step,
-    /// without apalis around it.
+    /// Take in what waits (intake mode, [`super::intake`]), then claim one batch of up to
+    /// `fetch_batch` due jobs and process it: the worker's step, without apalis around it.
     pub async fn run_once(&self, fetch_batch: usize) -> Result<Step, sqlx::Error> {
+        super::intake::take_in_all(&self.pool).await?;
         match backend::claim_due(&self.pool, fetch_batch, i16::MIN).await? {
             None => Ok(Step::EmptyQueue),
             Some(batch) => self.process(batch).await.map(Step::Processed),

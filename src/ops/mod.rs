@@ -1,4 +1,4 @@
-//! Operator commands: `notifyd status` and `notifyd jobs stats|failed|show|retry|discard|settings`.
+//! Operator commands: `notifyd status` and `notifyd jobs stats|failed|show|retry|discard|settings|enqueue-by`.
 //!
 //! Every command reads or changes the queue of `notifyd.events` only, prints aligned text
 //! for a human (or JSON with `--json`), and exits non-zero when it could not do all it was
@@ -16,6 +16,8 @@
 //!   (`notify.queue_dead`): refused (its event does not exist) or exhausted (at the attempt
 //!   limit). `jobs retry` puts them back; `jobs discard` deletes them;
 //! * **depth** = pending + scheduled + retry wait; **lag** = age of the oldest due job;
+//! * **intake**: how the queue is fed (the enqueue trigger, or the workers' intake), and
+//!   in intake mode the committed events not yet taken in;
 //! * **slots**: the rotation of the queue's tables, and the **oldest open transaction**
 //!   that holds back vacuum (its pid, age and last statement).
 
@@ -105,6 +107,15 @@ pub enum JobsCommand {
     Retry(Selection),
     /// Delete failed jobs for good (their events keep no outcome).
     Discard(Selection),
+    /// Switch how the queue is fed: `intake` (workers take committed events in; the
+    /// backend's INSERT writes the event row alone) or `trigger` (the enqueue trigger
+    /// writes each job in the backend's transaction). Run as the owner of the schema, once
+    /// every worker runs this release; switch back to `trigger` before rolling back to a
+    /// release older than migration 20261208000001 (docs/OPERATIONS.md, "Intake").
+    EnqueueBy {
+        #[arg(value_parser = ["trigger", "intake"])]
+        mode: String,
+    },
     /// Show the retry policy, or change it (applies to events enqueued and failures recorded
     /// from now on; no restart needed).
     Settings(SettingsArgs),
@@ -222,6 +233,17 @@ pub async fn run_jobs(pool: &PgPool, args: &JobsArgs) -> anyhow::Result<()> {
                         ids.len()
                     );
                 }
+            }
+        }
+        JobsCommand::EnqueueBy { mode } => {
+            let was = crate::claim::intake::mode(pool).await?;
+            let now = crate::claim::intake::switch(pool, mode).await.context(
+                "cannot switch how the queue is fed (run as the owner of notify.events)",
+            )?;
+            if was == now {
+                println!("the queue was already fed by {now}");
+            } else {
+                println!("the queue is now fed by {now} (was {was})");
             }
         }
         JobsCommand::Settings(s) => {

@@ -71,6 +71,31 @@ pub async fn queue_stats(pool: &PgPool) -> Result<QueueStats, sqlx::Error> {
         .ok_or(sqlx::Error::RowNotFound)
 }
 
+/// How the queue is fed (`notify.intake`): by the enqueue trigger, or by the workers'
+/// intake; and, in intake mode, the committed events not yet taken in.
+#[derive(Debug, Clone, PartialEq, Serialize, sqlx::FromRow)]
+pub struct IntakeRow {
+    /// `trigger` or `intake`.
+    pub mode: String,
+    /// Committed events not yet in the queue (0 in trigger mode).
+    pub waiting: i64,
+    /// Seconds since the oldest of them was created (0 when none waits).
+    pub oldest_secs: f64,
+}
+
+pub async fn intake(pool: &PgPool) -> Result<IntakeRow, sqlx::Error> {
+    db::fetch_optional(
+        pool,
+        sqlx::query_as(
+            "SELECT mode, waiting,
+                    COALESCE(extract(epoch FROM now() - oldest), 0)::float8 AS oldest_secs
+             FROM notify.intake_backlog()",
+        ),
+    )
+    .await?
+    .ok_or(sqlx::Error::RowNotFound)
+}
+
 /// One slot of the queue's rotation (`notify.queue_slots`).
 #[derive(Debug, Clone, Serialize, sqlx::FromRow)]
 pub struct SlotRow {
@@ -440,6 +465,8 @@ pub struct Status {
     pub queue: String,
     pub depth: i64,
     pub jobs: QueueStats,
+    /// How the queue is fed, and what waits to be taken in.
+    pub intake: IntakeRow,
     /// The rotation of the queue's slots.
     pub slots: Vec<SlotRow>,
     /// The oldest open transaction (or prepared transaction, or replication slot) holding
@@ -460,6 +487,7 @@ pub async fn status(pool: &PgPool, silent_after: Duration) -> anyhow::Result<Sta
         queue: QUEUE.to_owned(),
         depth: jobs.depth(),
         slots: slots(pool).await?,
+        intake: intake(pool).await?,
         horizon: horizon_holder(pool).await?,
         events_last_hour: recent_outcomes(pool).await?,
         digests: digest_stats(pool).await?,

@@ -7,8 +7,8 @@ use std::fmt::Write as _;
 use chrono::{DateTime, Utc};
 
 use super::queries::{
-    DigestStats, EventView, HorizonHolder, JobView, QueueStats, RetrySettings, SlotRow, Status,
-    WorkerRow,
+    DigestStats, EventView, HorizonHolder, IntakeRow, JobView, QueueStats, RetrySettings, SlotRow,
+    Status, WorkerRow,
 };
 use crate::contract::QUEUE;
 
@@ -116,6 +116,23 @@ pub(super) fn render_queue(s: &QueueStats) -> String {
         &rows,
     ));
     out
+}
+
+pub(super) fn render_intake(i: &IntakeRow) -> String {
+    if i.mode == "intake" {
+        let oldest = if i.waiting > 0 {
+            format!(", the oldest created {} ago", human_secs(i.oldest_secs))
+        } else {
+            String::new()
+        };
+        format!(
+            "Fed by the workers' intake: {} committed event{} not yet taken in{oldest}\n",
+            i.waiting,
+            plural(i.waiting as usize)
+        )
+    } else {
+        "Fed by the enqueue trigger (`notifyd jobs enqueue-by intake` switches)\n".to_owned()
+    }
 }
 
 pub(super) fn render_slots(slots: &[SlotRow]) -> String {
@@ -264,6 +281,7 @@ pub fn render_status(s: &Status) -> String {
     let mut out = render_queue(&s.jobs);
     out.push('\n');
     out.push_str(&render_slots(&s.slots));
+    out.push_str(&render_intake(&s.intake));
     out.push('\n');
     out.push_str(&render_horizon(s.horizon.as_ref()));
     out.push('\n');

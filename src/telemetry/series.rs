@@ -24,6 +24,8 @@
 //!   transaction).
 //! * `notifyd_queue_*`: a periodic query in the worker (every replica reports the same
 //!   values; aggregate with `max`).
+//! * `notifyd_intake_events_total`: events this worker's intake copied into the queue
+//!   (`claim::intake`; 0 while the enqueue trigger feeds the queue).
 //! * `notifyd_http_*`: [`track_http`], a middleware for the read service.
 //! * `notifyd_streams_open`: the read service's hub, as streams open and close.
 
@@ -58,6 +60,7 @@ pub const QUEUE_SLOTS: &str = "notifyd_queue_slots";
 pub const HORIZON_AGE: &str = "notifyd_oldest_xmin_age_seconds";
 pub const HORIZON_XIDS: &str = "notifyd_oldest_xmin_age_transactions";
 pub const HORIZON_PID: &str = "notifyd_oldest_xmin_pid";
+pub const INTAKE_EVENTS: &str = "notifyd_intake_events_total";
 pub const WORKER_RESTARTS: &str = "notifyd_worker_restarts_total";
 pub const HTTP_REQUESTS: &str = "notifyd_http_requests_total";
 pub const HTTP_SECONDS: &str = "notifyd_http_request_duration_seconds";
@@ -186,6 +189,10 @@ fn describe() {
         "Notifications stored for events of critical types"
     );
     describe_counter!(DIGESTS_SENT, "Digest notifications stored");
+    describe_counter!(
+        INTAKE_EVENTS,
+        "Committed events taken into the queue by this worker's intake (intake mode)"
+    );
     describe_counter!(
         DIGEST_EVENTS,
         "Suppressed events summed up in the digests stored"
