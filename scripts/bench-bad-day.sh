@@ -10,7 +10,8 @@
 # Every run is a fresh scratch database on DATABASE_URL (notifyd-bench creates and drops it).
 # Prints each run's figures and the medians. Needs a release build (`cargo build --release`,
 # built here if missing). Env: DATABASE_URL, BENCH_RUNS (3), BENCH_EVENTS (200000),
-# BENCH_USERS (20000), NOTIFYD_BENCH (the notifyd-bench executable).
+# BENCH_USERS (20000), NOTIFYD_BENCH (the notifyd-bench executable), BENCH_ENQUEUE_BY
+# (intake: how the queue is fed, `notifyd jobs enqueue-by`; trigger for the previous way).
 set -euo pipefail
 # shellcheck source=scripts/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -20,6 +21,7 @@ RUNS="${BENCH_RUNS:-3}"
 EVENTS="${BENCH_EVENTS:-200000}"
 USERS="${BENCH_USERS:-20000}"
 BENCH="${NOTIFYD_BENCH:-$NOTIFYD_REPO/target/release/notifyd-bench}"
+ENQUEUE_BY="${BENCH_ENQUEUE_BY:-intake}"
 [[ -n "${DATABASE_URL:-}" ]] || die "set DATABASE_URL (a role that may CREATE DATABASE)"
 if [[ ! -x "$BENCH" ]]; then
     ensure_cargo
@@ -30,7 +32,7 @@ have pgbench || die "pgbench not found (install postgresql-client or postgresql-
 # Run the bench; print the human lines to stderr and the JSON report to stdout.
 bench() {
     local out
-    out=$("$BENCH" "$@" 2> >(grep -v '^JSON' >&2))
+    out=$("$BENCH" --enqueue-by "$ENQUEUE_BY" "$@" 2> >(grep -v '^JSON' >&2))
     grep '^JSON ' <<<"$out" | sed 's/^JSON //'
 }
 

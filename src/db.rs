@@ -322,10 +322,9 @@ pub async fn check_schema(pool: &PgPool) -> anyhow::Result<()> {
     let ready: bool = fetch_one(
         pool,
         sqlx::query_scalar(
-            "SELECT count(*) = 2 FROM pg_class AS c
+            "SELECT count(*) = 3 FROM pg_class AS c
              JOIN pg_namespace AS n ON n.oid = c.relnamespace
-             WHERE (n.nspname = 'notify' AND c.relname = 'notifications')
-                OR (n.nspname = 'notify' AND c.relname = 'queue_slots')",
+             WHERE n.nspname = 'notify' AND c.relname IN ('notifications', 'queue_slots', 'intake')",
         ),
     )
     .await
@@ -335,6 +334,20 @@ pub async fn check_schema(pool: &PgPool) -> anyhow::Result<()> {
         "the database has no notifyd schema yet: run `notifyd migrate` first"
     );
     Ok(())
+}
+
+/// Whether the intake's index (`notify.events_txid`, migration 20261208000002) exists and
+/// is valid. A failed `CREATE INDEX CONCURRENTLY` leaves it invalid, and the intake would
+/// then scan `notify.events` on every call.
+pub async fn intake_index_ready(pool: &PgPool) -> Result<bool, sqlx::Error> {
+    fetch_one(
+        pool,
+        sqlx::query_scalar(
+            "SELECT COALESCE((SELECT i.indisvalid FROM pg_index AS i
+                              WHERE i.indexrelid = to_regclass('notify.events_txid')), false)",
+        ),
+    )
+    .await
 }
 
 /// Enabled triggers on the enqueue path (`notify.events`, the queue's tables) whose function

@@ -70,7 +70,7 @@ const BACKEND: &[&str] = &[
     "GRANT SELECT ON notify.event_outcomes TO {}",
     // The checks of notify.events call these (migration 20261207000200): explicit, so a
     // database that revoked EXECUTE from PUBLIC still takes the backend's INSERT.
-    "GRANT EXECUTE ON FUNCTION notify.event_user_id_is_valid(text), notify.event_body_is_valid(text), notify.event_link_is_safe(text), notify.event_type_is_known(text) TO {}",
+    "GRANT EXECUTE ON FUNCTION notify.event_user_id_is_valid(text), notify.event_body_is_valid(text), notify.event_link_is_safe(text), notify.event_type_is_known(text), notify.event_row_is_valid(text, text, text, text, text, text) TO {}",
     "GRANT SELECT, INSERT, UPDATE (priority, critical, max_per_window, digest_label) ON notify.event_types TO {}",
 ];
 
@@ -83,7 +83,7 @@ const WORKER: &[&str] = &[
     "GRANT SELECT ON notify.queue TO {}",
     "GRANT SELECT, DELETE, UPDATE (outcome, outcome_reason, processed_at) ON notify.events TO {}",
     // Its outcome UPDATE runs the checks of notify.events too.
-    "GRANT EXECUTE ON FUNCTION notify.event_user_id_is_valid(text), notify.event_body_is_valid(text), notify.event_link_is_safe(text), notify.event_type_is_known(text) TO {}",
+    "GRANT EXECUTE ON FUNCTION notify.event_user_id_is_valid(text), notify.event_body_is_valid(text), notify.event_link_is_safe(text), notify.event_type_is_known(text), notify.event_row_is_valid(text, text, text, text, text, text) TO {}",
     // The intake (migration 20261208000001, `claim::intake`).
     "GRANT SELECT ON notify.intake TO {}",
     "GRANT SELECT, INSERT, DELETE ON notify.intake_steps TO {}",

@@ -96,6 +96,15 @@ pub async fn run(
         Ok(_) => {}
         Err(e) => tracing::debug!(error = %e, "cannot check the enqueue triggers"),
     }
+    match db::intake_index_ready(&pool).await {
+        Ok(false) => tracing::warn!(
+            "the intake's index notify.events_txid is missing or invalid (a failed CREATE \
+             INDEX CONCURRENTLY): drop it and run `notifyd migrate` again \
+             (migrations/20261208000002_events_txid_index.sql)"
+        ),
+        Ok(true) => {}
+        Err(e) => tracing::debug!(error = %e, "cannot check the intake's index"),
+    }
     let silent_after = claim_settings.silent_after();
     // Bind first, so that a bad address fails before any job is claimed.
     let metrics_listener = match args.metrics.listen() {

@@ -1206,23 +1206,36 @@ async fn function_checks_refuse_exactly_what_the_released_checks_refused() {
         );
     }
 
-    // The constraints are the function calls (else the rest would test nothing).
+    // The row's check is the fold, and the fold calls these functions (else the rest
+    // would test nothing; migration 20261208000001 folded the checks into one).
     let defs: Vec<String> = sqlx::query_scalar(
         "SELECT pg_get_constraintdef(oid) FROM pg_constraint
-         WHERE conrelid = 'notify.events'::regclass
-           AND conname IN ('events_user_id_valid', 'events_body_length', 'events_link_safe')
+         WHERE conrelid = 'notify.events'::regclass AND contype = 'c'
          ORDER BY conname",
     )
     .fetch_all(&db.pool)
     .await
     .unwrap();
-    assert_eq!(defs.len(), 3, "{defs:?}");
-    for (def, function) in defs.iter().zip([
-        "notify.event_body_is_valid(body)",
-        "notify.event_link_is_safe(link)",
-        "notify.event_user_id_is_valid(user_id)",
-    ]) {
-        assert!(def.contains(function), "{def}");
+    assert_eq!(defs.len(), 1, "{defs:?}");
+    assert!(
+        defs[0].contains(
+            "notify.event_row_is_valid(user_id, event_type, body, link, idempotency_key, outcome)"
+        ),
+        "{}",
+        defs[0]
+    );
+    let fold: String = sqlx::query_scalar(
+        "SELECT prosrc FROM pg_proc WHERE oid = 'notify.event_row_is_valid'::regproc",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    for call in [
+        "notify.event_body_is_valid(b)",
+        "notify.event_link_is_safe(l)",
+        "notify.event_user_id_is_valid(u)",
+    ] {
+        assert!(fold.contains(call), "the fold does not call {call}");
     }
 
     // A hostile session: first on its search_path, its own operators and char_length that

@@ -130,6 +130,11 @@ struct BenchArgs {
     #[arg(long, default_value_t = 0)]
     enqueue_secs: u64,
 
+    /// How the queue is fed in the scratch database: `trigger` (the enqueue trigger) or
+    /// `intake` (workers take committed events in; `notifyd jobs enqueue-by`).
+    #[arg(long, default_value = "trigger", value_parser = ["trigger", "intake"])]
+    enqueue_by: String,
+
     /// Rounds of the enqueue cost phase (alternating order).
     #[arg(long, default_value_t = 3)]
     enqueue_rounds: u32,
@@ -167,6 +172,8 @@ struct BenchArgs {
 
 #[derive(Debug, Default, serde::Serialize)]
 struct Report {
+    /// How the queue was fed: `trigger` or `intake`.
+    enqueue_by: String,
     events: u64,
     users: u64,
     replicas: u32,
@@ -272,6 +279,8 @@ async fn run(database_url: &str, args: BenchArgs) -> anyhow::Result<()> {
 async fn run_phases(url: &str, args: &BenchArgs) -> anyhow::Result<Report> {
     let pool = db::connect(url, 8, "notifyd-bench").await?;
     db::migrate(&pool).await?;
+    notifyd::claim::intake::switch(&pool, &args.enqueue_by).await?;
+    eprintln!("the queue is fed by {}", args.enqueue_by);
     let mut report = Report {
         events: args.events,
         users: args.users,
@@ -281,6 +290,7 @@ async fn run_phases(url: &str, args: &BenchArgs) -> anyhow::Result<Report> {
         store_flushers: args.store_flushers,
         latency_rate: args.rate,
         stale_stats: args.stale_stats,
+        enqueue_by: args.enqueue_by.clone(),
         ..Default::default()
     };
 
@@ -637,14 +647,16 @@ SELECT (SELECT event_id FROM notify.queue_0 ORDER BY priority DESC, run_at, even
     OR (SELECT event_id FROM notify.queue_1 ORDER BY priority DESC, run_at, event_id LIMIT 1) IS NOT NULL
     OR (SELECT event_id FROM notify.queue_2 ORDER BY priority DESC, run_at, event_id LIMIT 1) IS NOT NULL
     OR (SELECT event_id FROM notify.queue_3 ORDER BY priority DESC, run_at, event_id LIMIT 1) IS NOT NULL
-    OR (SELECT event_id FROM notify.queue_later ORDER BY event_id LIMIT 1) IS NOT NULL";
+    OR (SELECT event_id FROM notify.queue_later ORDER BY event_id LIMIT 1) IS NOT NULL
+    OR (SELECT waiting > 0 FROM notify.intake_backlog())";
 
 /// `true` while a job of a type with priority 0 or lower waits (a broadcast's).
 pub const LOW_PRIORITY_LEFT: &str = "
 SELECT (SELECT event_id FROM notify.queue_0 WHERE priority <= 0 ORDER BY priority DESC, run_at, event_id LIMIT 1) IS NOT NULL
     OR (SELECT event_id FROM notify.queue_1 WHERE priority <= 0 ORDER BY priority DESC, run_at, event_id LIMIT 1) IS NOT NULL
     OR (SELECT event_id FROM notify.queue_2 WHERE priority <= 0 ORDER BY priority DESC, run_at, event_id LIMIT 1) IS NOT NULL
-    OR (SELECT event_id FROM notify.queue_3 WHERE priority <= 0 ORDER BY priority DESC, run_at, event_id LIMIT 1) IS NOT NULL";
+    OR (SELECT event_id FROM notify.queue_3 WHERE priority <= 0 ORDER BY priority DESC, run_at, event_id LIMIT 1) IS NOT NULL
+    OR (SELECT waiting > 0 FROM notify.intake_backlog())";
 
 /// The reason of one failed job of the queue, if there is one.
 async fn failed_job(pool: &PgPool) -> anyhow::Result<Option<String>> {
