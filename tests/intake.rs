@@ -56,9 +56,9 @@ async fn insert_until(url: String, client: u32, stop: Arc<AtomicBool>) -> Vec<i6
         let rows = match kind {
             0 | 1 => 1,
             2 => 3,
-            3 => 2,                      // rolled back
-            4 => 2,                      // one row kept, one in a rolled-back savepoint
-            _ if round % 25 == 0 => 700, // a big transaction (above the chunk size)
+            3 => 2,                               // rolled back
+            4 => 2,                               // one row kept, one in a rolled-back savepoint
+            _ if round.is_multiple_of(25) => 700, // a big transaction (above the chunk size)
             _ => 1,
         };
         let ids: Vec<i64> = sqlx::query_scalar(
