@@ -196,7 +196,8 @@ impl Resume {
     }
 }
 
-/// Claim until something comes back. Waits the poll interval after an empty claim, and
+/// Claim until something comes back. Waits the poll interval after an empty claim (or
+/// until this process's intake takes events in), and
 /// backs off (jittered, up to 5 s) while the database fails.
 async fn next_batch(source: &Source, resume: &mut Resume) -> ClaimedBatch {
     let mut backoff = Duration::from_millis(100);
@@ -239,7 +240,10 @@ async fn next_batch(source: &Source, resume: &mut Resume) -> ClaimedBatch {
             Ok(None) => {
                 resume.claimed(0, n, None);
                 backoff = Duration::from_millis(100);
-                tokio::time::sleep(source.poll_interval).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(source.poll_interval) => {}
+                    _ = super::intake::taken_in() => {}
+                }
             }
             Err(e) => {
                 tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "claim failed; retrying");

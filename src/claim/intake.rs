@@ -23,12 +23,15 @@
 //!   events committed after it wait one call, not the whole broadcast.
 //!
 //! Who calls it: every worker, in [`run`], every poll interval and at once again while it
-//! reports more; and [`super::Processor::run_once`] before each claim (the step tests
-//! drive). In trigger mode a call returns at once.
+//! reports more, waking the idle claim loops of its process ([`taken_in`]) when it took
+//! events in; and [`super::Processor::run_once`] before each claim (the step tests drive).
+//! In trigger mode a call returns at once.
 
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use metrics::counter;
+use tokio::sync::Notify;
 use sqlx::PgPool;
 
 use crate::db;
@@ -39,6 +42,16 @@ pub const MAX_ROWS: i32 = 2000;
 
 /// Rows per call of a big transaction, and the size at which a transaction counts as big.
 pub const CHUNK: i32 = 500;
+
+/// Woken when this process's intake has taken events in, so that an idle claim loop
+/// claims them at once instead of at its next poll.
+static TAKEN_IN: LazyLock<Notify> = LazyLock::new(Notify::new);
+
+/// Wait until this process's intake takes events in (an idle claim loop's wake-up; it
+/// polls as well, for what another replica took in).
+pub async fn taken_in() {
+    TAKEN_IN.notified().await
+}
 
 /// What one call did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -65,6 +78,7 @@ pub async fn take_in(pool: &PgPool) -> Result<Taken, sqlx::Error> {
     };
     if taken.rows > 0 {
         counter!(series::INTAKE_EVENTS).increment(taken.rows);
+        TAKEN_IN.notify_waiters();
     }
     Ok(taken)
 }

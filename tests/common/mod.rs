@@ -155,9 +155,13 @@ impl TestDb {
         sqlx::query_scalar(sql).fetch_one(&self.pool).await.unwrap()
     }
 
-    /// Jobs of our queue that still have work to do (due or not, retries included).
+    /// Jobs of our queue that still have work to do (due or not, retries included), and
+    /// committed events the intake has not taken in yet.
     pub async fn live_jobs(&self) -> i64 {
-        self.count("SELECT count(*) FROM notify.queue").await
+        self.count(
+            "SELECT (SELECT count(*) FROM notify.queue) + (SELECT waiting FROM notify.intake_backlog())",
+        )
+        .await
     }
 
     /// Poll (not sleep for a guessed time) until the queue has no live job, or panic
