@@ -47,12 +47,20 @@ LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     names text[];
 BEGIN
+    -- The names are read with this statement's snapshot: at READ COMMITTED it is taken
+    -- after the caller's lock, so it sees every change committed before.
+    IF current_setting('transaction_isolation') <> 'read committed' THEN
+        RAISE EXCEPTION 'notify.event_types is changed at READ COMMITTED only, not %',
+                        upper(current_setting('transaction_isolation'))
+            USING ERRCODE = 'active_sql_transaction',
+                  HINT = 'The type check is written from the table''s names, which an older snapshot would miss.';
+    END IF;
     SELECT COALESCE(array_agg(t.name ORDER BY t.name), '{}') INTO names FROM notify.event_types AS t;
     EXECUTE format($f$
 CREATE OR REPLACE FUNCTION notify.event_type_is_known(v text) RETURNS boolean
 LANGUAGE plpgsql STABLE PARALLEL SAFE AS $b$
 BEGIN
-    IF v OPERATOR(pg_catalog.=) ANY (%L::text[]) THEN
+    IF v OPERATOR(pg_catalog.=) ANY (%L::pg_catalog.text[]) THEN
         RETURN true;
     END IF;
     RAISE EXCEPTION 'insert or update on table "events" violates foreign key constraint "events_event_type_known"'
@@ -69,14 +77,16 @@ END;
 $$;
 
 SELECT notify.write_event_type_check();
+REVOKE EXECUTE ON FUNCTION notify.write_event_type_check() FROM PUBLIC;
 
 CREATE FUNCTION notify.event_types_changed() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     -- One writer at a time: two concurrent CREATE OR REPLACE of one function fail with
-    -- "tuple concurrently updated". The second waits here, and its next statement reads
-    -- the first one's names.
-    LOCK TABLE notify.event_types IN SHARE ROW EXCLUSIVE MODE;
+    -- "tuple concurrently updated". The second waits here until the first commits, and its
+    -- next statement reads the first one's names. An advisory lock, not the table's: two
+    -- writers each holding the table's ROW EXCLUSIVE would deadlock on SHARE ROW EXCLUSIVE.
+    PERFORM pg_advisory_xact_lock(7957707062626549763);
     PERFORM notify.write_event_type_check();
     RETURN NULL;
 END;
@@ -125,25 +135,27 @@ $$;
 CREATE FUNCTION notify.event_row_is_valid(u text, t text, b text, l text, k text, o text)
 RETURNS boolean LANGUAGE plpgsql STABLE PARALLEL SAFE AS $$
 DECLARE
-    refused text;
+    refused pg_catalog.text;
 BEGIN
-    -- In the order PostgreSQL checks constraints (by name), so that a row breaking two
-    -- rules is refused for the same one as before.
+    -- In the order PostgreSQL checked the constraints (by name, the type's last), so that
+    -- a row breaking two rules is refused for the same one as before.
     IF NOT notify.event_body_is_valid(b) THEN
         refused := 'events_body_length';
-    ELSIF notify.event_type_is_known(t) AND t OPERATOR(pg_catalog.=) 'digest' THEN
+    ELSIF t OPERATOR(pg_catalog.=) 'digest' THEN
         refused := 'events_event_type_not_digest';
     ELSIF NOT (pg_catalog.char_length(k) OPERATOR(pg_catalog.>=) 1
                AND pg_catalog.char_length(k) OPERATOR(pg_catalog.<=) 255) THEN
         refused := 'events_idempotency_key_length';
     ELSIF NOT (l IS NULL OR notify.event_link_is_safe(l)) THEN
         refused := 'events_link_safe';
-    ELSIF NOT (o OPERATOR(pg_catalog.=) ANY ('{stored,opted_out,rate_limited,invalid}'::text[])) THEN
+    ELSIF NOT (o OPERATOR(pg_catalog.=) ANY ('{stored,opted_out,rate_limited,invalid}'::pg_catalog.text[])) THEN
         refused := 'events_outcome_known';
     ELSIF NOT notify.event_user_id_is_valid(u) THEN
         refused := 'events_user_id_valid';
     ELSE
-        RETURN true;
+        -- Last, as the trigger (and the foreign key before it) checked it after every
+        -- check: it raises the foreign key's error itself.
+        RETURN notify.event_type_is_known(t);
     END IF;
     RAISE EXCEPTION 'new row for relation "events" violates check constraint "%"', refused
         USING ERRCODE = 'check_violation', CONSTRAINT = refused, SCHEMA = 'notify', TABLE = 'events';
@@ -262,12 +274,18 @@ DECLARE
     last_n    integer;
     walked    boolean := true;
     fresh     boolean := false;
+    fresh_t   xid8;
+    fresh_a   bigint;
     i         integer;
     new_step  bigint;
     target_sql text;
 BEGIN
     taken := 0;
     more := false;
+    IF current_setting('notifyd.intake_locked', true) IS DISTINCT FROM 'on' THEN
+        RAISE EXCEPTION 'notify.take_in_step() runs under the intake lock only: call notify.take_in()'
+            USING ERRCODE = 'insufficient_privilege';
+    END IF;
     SELECT * INTO st FROM notify.intake_steps ORDER BY step DESC LIMIT 1;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'notify.intake_steps is empty: the intake has no position'
@@ -360,6 +378,8 @@ BEGIN
             IF last_n >= chunk THEN
                 -- A big transaction: the rest of it goes in chunks, after the small ones.
                 fresh := true;
+                fresh_t := last_t;
+                fresh_a := last_i;
                 pi := 9223372036854775807;
             END IF;
             EXIT;
@@ -395,8 +415,8 @@ BEGIN
 
     IF fresh THEN
         -- Found in this call, which has taken its first rows: chunks from the next call.
-        keep_t := keep_t || last_t;
-        keep_a := keep_a || last_i;
+        keep_t := keep_t || fresh_t;
+        keep_a := keep_a || fresh_a;
     END IF;
     IF walked THEN
         prev := tgt;
@@ -444,7 +464,9 @@ BEGIN
     IF (SELECT i.mode FROM notify.intake AS i) IS DISTINCT FROM 'intake' THEN
         RETURN;
     END IF;
+    PERFORM set_config('notifyd.intake_locked', 'on', true);
     SELECT r.taken, r.more INTO taken, more FROM notify.take_in_step(max_rows, chunk) AS r;
+    PERFORM set_config('notifyd.intake_locked', 'off', true);
 END;
 $$;
 
@@ -452,8 +474,10 @@ $$;
 CREATE FUNCTION notify.enqueue_by(wanted text) RETURNS text
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    was text;
-    r   record;
+    was  text;
+    r    record;
+    own  xid8;
+    snap pg_snapshot;
 BEGIN
     IF wanted IS NULL OR wanted NOT IN ('trigger', 'intake') THEN
         RAISE EXCEPTION 'notify.enqueue_by(%): the queue is fed by ''trigger'' or ''intake''', wanted
@@ -464,17 +488,33 @@ BEGIN
                         upper(current_setting('transaction_isolation'))
             USING ERRCODE = 'active_sql_transaction';
     END IF;
-    -- Every INSERT in flight has committed, and new ones wait until this commits.
+    IF pg_current_xact_id_if_assigned() IS NOT NULL THEN
+        RAISE EXCEPTION 'notify.enqueue_by() runs in a transaction of its own (this one has written already)'
+            USING ERRCODE = 'active_sql_transaction';
+    END IF;
+    -- Every INSERT in flight has committed, and new ones wait until this commits. Behind
+    -- a transaction that holds the table, give up rather than hold every INSERT back.
+    PERFORM set_config('lock_timeout', '5s', true);
     LOCK TABLE notify.events IN SHARE ROW EXCLUSIVE MODE;
     PERFORM pg_advisory_xact_lock(7957707062626549762);
+    PERFORM set_config('notifyd.intake_locked', 'on', true);
     SELECT i.mode INTO was FROM notify.intake AS i FOR UPDATE;
     IF was = wanted THEN
         RETURN wanted;
     END IF;
     IF wanted = 'intake' THEN
         ALTER TABLE notify.events DISABLE TRIGGER events_enqueue;
-        -- A later statement than the lock: everything visible here was queued by the trigger.
-        INSERT INTO notify.intake_steps (taken_to) VALUES (pg_current_snapshot());
+        -- A later statement than the lock: everything visible here was queued by the
+        -- trigger. A snapshot leaves out its own transaction; put it among those in
+        -- progress, so that events this transaction inserts after the switch are taken in.
+        own := pg_current_xact_id();
+        snap := pg_current_snapshot();
+        IF own < pg_snapshot_xmax(snap) THEN
+            snap := format('%s:%s:%s', least(pg_snapshot_xmin(snap), own), pg_snapshot_xmax(snap),
+                           array_to_string(ARRAY(SELECT x FROM pg_snapshot_xip(snap) AS x
+                                                 UNION SELECT own ORDER BY 1), ','))::pg_snapshot;
+        END IF;
+        INSERT INTO notify.intake_steps (taken_to) VALUES (snap);
     ELSE
         -- Finish a step under way (its snapshot predates the lock), then take one whose
         -- snapshot is taken now: everything committed is in it.

@@ -217,6 +217,10 @@ async fn queue_metrics_loop(
             ),
             Err(e) => tracing::debug!(error = %e, "horizon query failed"),
         }
+        match ops::queries::intake(&pool).await {
+            Ok(i) => series::set_intake(i.waiting, i.oldest_secs),
+            Err(e) => tracing::debug!(error = %e, "intake query failed"),
+        }
         match ops::queries::slots(&pool).await {
             Ok(slots) => series::set_slots(&slots.into_iter().map(|s| s.state).collect::<Vec<_>>()),
             Err(e) => tracing::debug!(error = %e, "slot query failed"),

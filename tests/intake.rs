@@ -390,3 +390,58 @@ async fn a_backend_cannot_write_the_intake_column() {
     assert_eq!(intake::take_in_all(&worker).await.unwrap(), 1);
     assert_eq!(db.live_jobs().await, 2);
 }
+
+#[tokio::test]
+async fn several_big_transactions_at_once_are_each_taken_in_whole() {
+    let db = TestDb::new().await;
+    switch(&db.pool, "intake").await;
+    let big = intake::MAX_ROWS as i64;
+    // Bigger than one call's budget, and met while another is still taken in by chunks.
+    for (rows, user) in [
+        (big + 500, "a"),
+        (big + 1000, "b"),
+        (3, "small"),
+        (big / 2 + 100, "c"),
+    ] {
+        sqlx::query(
+            "INSERT INTO notify.events (user_id, event_type, body)
+             SELECT $2 || g, 'system_alert', 'broadcast' FROM generate_series(1, $1) AS g",
+        )
+        .bind(rows)
+        .bind(user)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    }
+    intake::take_in_all(&db.pool).await.unwrap();
+    let (rows, ids) = queued(&db.pool).await;
+    assert_eq!(rows as usize, ids.len(), "an event was queued twice");
+    assert_eq!(ids, all_events(&db.pool).await, "an event was not queued");
+}
+
+#[tokio::test]
+async fn the_switch_runs_in_a_transaction_of_its_own() {
+    let db = TestDb::new().await;
+    let mut tx = db.pool.begin().await.unwrap();
+    sqlx::query(
+        "INSERT INTO notify.events (user_id, event_type, body) VALUES ('u', 'new_message', 'x')",
+    )
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    let err = sqlx::query("SELECT notify.enqueue_by('intake')")
+        .execute(&mut *tx)
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("a transaction of its own"),
+        "{err}"
+    );
+    drop(tx);
+    // And a step cannot be called around the intake's lock.
+    let err = sqlx::query("SELECT * FROM notify.take_in_step(10, 10)")
+        .execute(&db.pool)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("call notify.take_in()"), "{err}");
+}

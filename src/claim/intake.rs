@@ -31,8 +31,8 @@ use std::sync::LazyLock;
 use std::time::Duration;
 
 use metrics::counter;
-use tokio::sync::Notify;
 use sqlx::PgPool;
+use tokio::sync::Notify;
 
 use crate::db;
 use crate::telemetry::series;

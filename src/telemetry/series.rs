@@ -25,7 +25,9 @@
 //! * `notifyd_queue_*`: a periodic query in the worker (every replica reports the same
 //!   values; aggregate with `max`).
 //! * `notifyd_intake_events_total`: events this worker's intake copied into the queue
-//!   (`claim::intake`; 0 while the enqueue trigger feeds the queue).
+//!   (`claim::intake`; 0 while the enqueue trigger feeds the queue);
+//!   `notifyd_intake_waiting` and `notifyd_intake_oldest_seconds`: the committed events
+//!   not yet taken in, from the queue metrics loop.
 //! * `notifyd_http_*`: [`track_http`], a middleware for the read service.
 //! * `notifyd_streams_open`: the read service's hub, as streams open and close.
 
@@ -61,6 +63,8 @@ pub const HORIZON_AGE: &str = "notifyd_oldest_xmin_age_seconds";
 pub const HORIZON_XIDS: &str = "notifyd_oldest_xmin_age_transactions";
 pub const HORIZON_PID: &str = "notifyd_oldest_xmin_pid";
 pub const INTAKE_EVENTS: &str = "notifyd_intake_events_total";
+pub const INTAKE_WAITING: &str = "notifyd_intake_waiting";
+pub const INTAKE_AGE: &str = "notifyd_intake_oldest_seconds";
 pub const WORKER_RESTARTS: &str = "notifyd_worker_restarts_total";
 pub const HTTP_REQUESTS: &str = "notifyd_http_requests_total";
 pub const HTTP_SECONDS: &str = "notifyd_http_request_duration_seconds";
@@ -189,6 +193,14 @@ fn describe() {
         "Notifications stored for events of critical types"
     );
     describe_counter!(DIGESTS_SENT, "Digest notifications stored");
+    describe_gauge!(
+        INTAKE_WAITING,
+        "Committed events not yet taken into the queue (intake mode; 0 with the enqueue trigger)"
+    );
+    describe_gauge!(
+        INTAKE_AGE,
+        "Seconds since the oldest committed event not yet taken in was created"
+    );
     describe_counter!(
         INTAKE_EVENTS,
         "Committed events taken into the queue by this worker's intake (intake mode)"
@@ -276,6 +288,13 @@ pub struct QueueGauges {
     pub jobs: Vec<(&'static str, i64)>,
     pub lag_secs: f64,
     pub workers_alive: usize,
+}
+
+/// In intake mode, the committed events not yet taken in and the oldest one's age (both 0
+/// in trigger mode).
+pub fn set_intake(waiting: i64, oldest_secs: f64) {
+    gauge!(INTAKE_WAITING).set(waiting as f64);
+    gauge!(INTAKE_AGE).set(oldest_secs);
 }
 
 /// What holds the xmin horizon back: `(age in seconds, age in transactions, pid)`, or
