@@ -552,3 +552,25 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
            CASE WHEN i.mode = 'intake' THEN (SELECT min(w.created_at) FROM w) END
     FROM notify.intake AS i
 $$;
+
+-- Whether any committed event (of a type with at most `max_priority`, if given) waits to be
+-- taken in: an EXISTS, cheap enough to poll (benchmarks wait on it for a drain).
+CREATE FUNCTION notify.intake_has_waiting(max_priority integer DEFAULT NULL) RETURNS boolean
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    WITH st AS (SELECT * FROM notify.intake_steps ORDER BY step DESC LIMIT 1)
+    SELECT (SELECT i.mode FROM notify.intake AS i) = 'intake' AND (
+        EXISTS (
+            SELECT 1 FROM notify.events AS e, st
+            WHERE (e.txid >= pg_snapshot_xmax(st.taken_to)
+                   OR e.txid = ANY (ARRAY(SELECT pg_snapshot_xip(st.taken_to))))
+              AND NOT (st.target IS NOT NULL AND pg_visible_in_snapshot(e.txid, st.target)
+                       AND (e.txid, e.id) <= (st.pos_txid, st.pos_id))
+              AND (max_priority IS NULL OR COALESCE((SELECT t.priority FROM notify.event_types AS t
+                                                     WHERE t.name = e.event_type), 0) <= max_priority))
+        OR EXISTS (
+            SELECT 1 FROM notify.events AS e, st,
+                   unnest(st.big_txids, st.big_after) AS b (txid, after_id)
+            WHERE e.txid = b.txid AND e.id > b.after_id
+              AND (max_priority IS NULL OR COALESCE((SELECT t.priority FROM notify.event_types AS t
+                                                     WHERE t.name = e.event_type), 0) <= max_priority)))
+$$;

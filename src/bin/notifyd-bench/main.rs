@@ -648,7 +648,7 @@ SELECT (SELECT event_id FROM notify.queue_0 ORDER BY priority DESC, run_at, even
     OR (SELECT event_id FROM notify.queue_2 ORDER BY priority DESC, run_at, event_id LIMIT 1) IS NOT NULL
     OR (SELECT event_id FROM notify.queue_3 ORDER BY priority DESC, run_at, event_id LIMIT 1) IS NOT NULL
     OR (SELECT event_id FROM notify.queue_later ORDER BY event_id LIMIT 1) IS NOT NULL
-    OR (SELECT waiting > 0 FROM notify.intake_backlog())";
+    OR notify.intake_has_waiting()";
 
 /// `true` while a job of a type with priority 0 or lower waits (a broadcast's).
 pub const LOW_PRIORITY_LEFT: &str = "
@@ -656,7 +656,7 @@ SELECT (SELECT event_id FROM notify.queue_0 WHERE priority <= 0 ORDER BY priorit
     OR (SELECT event_id FROM notify.queue_1 WHERE priority <= 0 ORDER BY priority DESC, run_at, event_id LIMIT 1) IS NOT NULL
     OR (SELECT event_id FROM notify.queue_2 WHERE priority <= 0 ORDER BY priority DESC, run_at, event_id LIMIT 1) IS NOT NULL
     OR (SELECT event_id FROM notify.queue_3 WHERE priority <= 0 ORDER BY priority DESC, run_at, event_id LIMIT 1) IS NOT NULL
-    OR (SELECT waiting > 0 FROM notify.intake_backlog())";
+    OR notify.intake_has_waiting(0)";
 
 /// The reason of one failed job of the queue, if there is one.
 async fn failed_job(pool: &PgPool) -> anyhow::Result<Option<String>> {
