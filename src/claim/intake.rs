@@ -20,9 +20,7 @@
 //!   an updated one (whose versions a held snapshot would keep for every reader to walk).
 //! * **Small transactions first.** A transaction with `chunk` rows or more in one call
 //!   (a broadcast) is taken in `chunk` rows per call after the small ones, so interactive
-//!   events committed after it wait one call, not the whole broadcast; and only while the
-//!   slots hold fewer than 20 chunks, so that the copy keeps pace with the claims instead
-//!   of running ahead of them (the switch back to the trigger takes everything).
+//!   events committed after it wait one call, not the whole broadcast.
 //!
 //! Who calls it: every worker, in [`run`], every poll interval and at once again while it
 //! reports more, waking the idle claim loops of its process ([`taken_in`]) when it took
