@@ -247,7 +247,7 @@ COMMENT ON TABLE notify.intake_steps IS
 
 -- One call's work; the caller holds the intake lock, at READ COMMITTED, and took it in an
 -- earlier statement, so that every snapshot read here is taken after it.
-CREATE FUNCTION notify.take_in_step(max_rows integer, chunk integer, pace boolean,
+CREATE FUNCTION notify.take_in_step(max_rows integer, chunk integer,
                                     OUT taken integer, OUT more boolean)
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 SET enable_seqscan = off SET enable_bitmapscan = off SET jit = off AS $$
@@ -274,8 +274,6 @@ DECLARE
     last_n    integer;
     walked    boolean := true;
     fresh     boolean := false;
-    paced     boolean := false;
-    ahead     integer;
     fresh_t   xid8;
     fresh_a   bigint;
     i         integer;
@@ -388,23 +386,8 @@ BEGIN
         END IF;
     END LOOP;
 
-    -- The big transactions of earlier calls, `chunk` rows each; paced: only while the
-    -- slots hold fewer than 20 chunks, so that the intake keeps the claims fed without
-    -- copying a broadcast far ahead of them (each copy makes the call longer, and every
-    -- small transaction committed meanwhile waits for the call).
-    IF pace AND coalesce(array_length(bigs, 1), 0) > 0 THEN
-        SELECT count(*) INTO ahead FROM (
-            SELECT 1 FROM notify.queue_0 UNION ALL SELECT 1 FROM notify.queue_1
-            UNION ALL SELECT 1 FROM notify.queue_2 UNION ALL SELECT 1 FROM notify.queue_3
-            LIMIT 20 * chunk) AS q;
-        paced := ahead >= 20 * chunk;
-    END IF;
+    -- The big transactions of earlier calls, `chunk` rows each.
     FOR i IN 1 .. coalesce(array_length(bigs, 1), 0) LOOP
-        IF paced THEN
-            keep_t := keep_t || bigs[i];
-            keep_a := keep_a || afters[i];
-            CONTINUE;
-        END IF;
         EXECUTE format($q$
             WITH b AS MATERIALIZED (
                 SELECT e.id, e.run_at, COALESCE(t.priority, 0) AS priority
@@ -441,8 +424,7 @@ BEGIN
         pt := NULL;
         pi := NULL;
     END IF;
-    -- Paced, the next call can wait the poll interval.
-    more := tgt IS NOT NULL OR (NOT paced AND coalesce(array_length(keep_t, 1), 0) > 0);
+    more := tgt IS NOT NULL OR coalesce(array_length(keep_t, 1), 0) > 0;
     -- Nothing moved and no step was under way: the position stays as it was (a read-only
     -- call, no row written; the next call starts from the same taken_to).
     IF taken = 0 AND st.target IS NULL AND tgt IS NULL AND keep_t = st.big_txids THEN
@@ -483,7 +465,7 @@ BEGIN
         RETURN;
     END IF;
     PERFORM set_config('notifyd.intake_locked', 'on', true);
-    SELECT r.taken, r.more INTO taken, more FROM notify.take_in_step(max_rows, chunk, true) AS r;
+    SELECT r.taken, r.more INTO taken, more FROM notify.take_in_step(max_rows, chunk) AS r;
     PERFORM set_config('notifyd.intake_locked', 'off', true);
 END;
 $$;
@@ -538,7 +520,7 @@ BEGIN
         -- snapshot is taken now: everything committed is in it.
         FOR pass IN 1 .. 2 LOOP
             LOOP
-                SELECT * INTO r FROM notify.take_in_step(100000, 100000, false);
+                SELECT * INTO r FROM notify.take_in_step(100000, 100000);
                 EXIT WHEN NOT r.more;
             END LOOP;
         END LOOP;

@@ -439,53 +439,9 @@ async fn the_switch_runs_in_a_transaction_of_its_own() {
     );
     drop(tx);
     // And a step cannot be called around the intake's lock.
-    let err = sqlx::query("SELECT * FROM notify.take_in_step(10, 10, false)")
+    let err = sqlx::query("SELECT * FROM notify.take_in_step(10, 10)")
         .execute(&db.pool)
         .await
         .unwrap_err();
     assert!(err.to_string().contains("call notify.take_in()"), "{err}");
-}
-
-#[tokio::test]
-async fn a_broadcast_is_copied_no_further_ahead_than_the_claims_need() {
-    let db = TestDb::new().await;
-    switch(&db.pool, "intake").await;
-    let rows = 30 * intake::CHUNK as i64;
-    sqlx::query(
-        "INSERT INTO notify.events (user_id, event_type, body)
-         SELECT 'u' || g, 'system_alert', 'broadcast' FROM generate_series(1, $1) AS g",
-    )
-    .bind(rows)
-    .execute(&db.pool)
-    .await
-    .unwrap();
-    // No worker claims: the intake stops once the slots hold 20 chunks.
-    let first = intake::take_in_all(&db.pool).await.unwrap();
-    assert_eq!(first, 20 * intake::CHUNK as u64);
-    assert_eq!(
-        intake::take_in(&db.pool).await.unwrap(),
-        intake::Taken::default()
-    );
-    // Claims make room, and the intake goes on from where it was.
-    sqlx::query("DELETE FROM notify.queue_0")
-        .execute(&db.pool)
-        .await
-        .unwrap();
-    let second = intake::take_in_all(&db.pool).await.unwrap();
-    assert_eq!(first + second, rows as u64);
-    // The switch back to the trigger takes in everything, paced or not.
-    let more = 40 * intake::CHUNK as i64;
-    sqlx::query(
-        "INSERT INTO notify.events (user_id, event_type, body)
-         SELECT 'v' || g, 'system_alert', 'again' FROM generate_series(1, $1) AS g",
-    )
-    .bind(more)
-    .execute(&db.pool)
-    .await
-    .unwrap();
-    intake::take_in_all(&db.pool).await.unwrap();
-    switch(&db.pool, "trigger").await;
-    let (queued_rows, ids) = queued(&db.pool).await;
-    assert_eq!(queued_rows as usize, ids.len());
-    assert_eq!(queued_rows, second as i64 + more);
 }
