@@ -278,7 +278,8 @@ DECLARE
     fresh_a   bigint;
     i         integer;
     new_step  bigint;
-    target_sql text;
+    copy_sql  text;
+    big_last  bigint;
 BEGIN
     taken := 0;
     more := false;
@@ -315,7 +316,30 @@ BEGIN
         s := NULL;
         horizon := '-infinity';  -- no current slot: everything to queue_later, nothing lost
     END IF;
-    target_sql := CASE WHEN s IS NULL THEN NULL ELSE format('notify.queue_%s', s) END;
+    -- One statement copies rows: those of txids in [$1, $2) after ($3, $4) in (txid, id)
+    -- order, at most $5, into the current slot (or queue_later, when not due within the
+    -- slot period $6); it answers how many, the last row, and how many of the last txid.
+    copy_sql := format($q$
+            WITH b AS MATERIALIZED (
+                SELECT e.id, e.txid, e.run_at, COALESCE(t.priority, 0) AS priority
+                FROM (SELECT e.id, e.txid, e.run_at, e.event_type FROM notify.events AS e
+                      WHERE e.txid >= $1 AND e.txid < $2 AND (e.txid, e.id) > ($3, $4)
+                      ORDER BY e.txid, e.id LIMIT $5) AS e
+                LEFT JOIN notify.event_types AS t ON t.name = e.event_type
+            ), due AS (
+                INSERT INTO %s (event_id, priority, run_at)
+                SELECT b.id, b.priority, b.run_at FROM b WHERE b.run_at <= $6
+            ), later AS (
+                INSERT INTO notify.queue_later (event_id, priority, run_at)
+                SELECT b.id, b.priority, b.run_at FROM b WHERE NOT b.run_at <= $6
+                ON CONFLICT (event_id) DO NOTHING
+            ), l AS (
+                SELECT b.txid, b.id FROM b ORDER BY b.txid DESC, b.id DESC LIMIT 1
+            )
+            SELECT (SELECT count(*) FROM b)::integer, l.txid, l.id,
+                   (SELECT count(*) FROM b WHERE b.txid = l.txid)::integer
+            FROM (SELECT 1) AS one LEFT JOIN l ON true$q$,
+        CASE WHEN s IS NULL THEN 'notify.queue_later' ELSE format('notify.queue_%s', s) END);
 
     -- The step's transactions as half-open ranges [lo, hi) of txids, in order: those in
     -- progress at taken_to that have ended since, then every txid from taken_to's xmax up
@@ -343,27 +367,7 @@ BEGIN
     budget := max_rows;
     FOR i IN 1 .. coalesce(array_length(los, 1), 0) LOOP
         CONTINUE WHEN pt IS NOT NULL AND his[i]::text::xid8 <= pt;
-        EXECUTE format($q$
-            WITH b AS MATERIALIZED (
-                SELECT e.id, e.txid, e.run_at, COALESCE(t.priority, 0) AS priority
-                FROM (SELECT e.id, e.txid, e.run_at, e.event_type FROM notify.events AS e
-                      WHERE e.txid >= $1 AND e.txid < $2 AND (e.txid, e.id) > ($3, $4)
-                      ORDER BY e.txid, e.id LIMIT $5) AS e
-                LEFT JOIN notify.event_types AS t ON t.name = e.event_type
-            ), due AS (
-                INSERT INTO %s (event_id, priority, run_at)
-                SELECT b.id, b.priority, b.run_at FROM b WHERE b.run_at <= $6
-            ), later AS (
-                INSERT INTO notify.queue_later (event_id, priority, run_at)
-                SELECT b.id, b.priority, b.run_at FROM b WHERE NOT b.run_at <= $6
-                ON CONFLICT (event_id) DO NOTHING
-            ), l AS (
-                SELECT b.txid, b.id FROM b ORDER BY b.txid DESC, b.id DESC LIMIT 1
-            )
-            SELECT (SELECT count(*) FROM b)::integer, l.txid, l.id,
-                   (SELECT count(*) FROM b WHERE b.txid = l.txid)::integer
-            FROM (SELECT 1) AS one LEFT JOIN l ON true$q$,
-            COALESCE(target_sql, 'notify.queue_later'))
+        EXECUTE copy_sql
         INTO got, last_t, last_i, last_n
         USING los[i]::text::xid8, his[i]::text::xid8, COALESCE(pt, '0'::xid8),
               COALESCE(pi, -9223372036854775808), budget, horizon;
@@ -388,28 +392,14 @@ BEGIN
 
     -- The big transactions of earlier calls, `chunk` rows each.
     FOR i IN 1 .. coalesce(array_length(bigs, 1), 0) LOOP
-        EXECUTE format($q$
-            WITH b AS MATERIALIZED (
-                SELECT e.id, e.run_at, COALESCE(t.priority, 0) AS priority
-                FROM (SELECT e.id, e.run_at, e.event_type FROM notify.events AS e
-                      WHERE e.txid = $1 AND e.id > $2 ORDER BY e.txid, e.id LIMIT $3) AS e
-                LEFT JOIN notify.event_types AS t ON t.name = e.event_type
-            ), due AS (
-                INSERT INTO %s (event_id, priority, run_at)
-                SELECT b.id, b.priority, b.run_at FROM b WHERE b.run_at <= $4
-            ), later AS (
-                INSERT INTO notify.queue_later (event_id, priority, run_at)
-                SELECT b.id, b.priority, b.run_at FROM b WHERE NOT b.run_at <= $4
-                ON CONFLICT (event_id) DO NOTHING
-            )
-            SELECT count(*)::integer, max(b.id) FROM b$q$,
-            COALESCE(target_sql, 'notify.queue_later'))
-        INTO got, last_i
-        USING bigs[i], afters[i], chunk, horizon;
+        EXECUTE copy_sql
+        INTO got, last_t, big_last, last_n
+        USING bigs[i], (bigs[i]::text::bigint + 1)::text::xid8, bigs[i], afters[i], chunk,
+              horizon;
         taken := taken + got;
         IF got >= chunk THEN
             keep_t := keep_t || bigs[i];
-            keep_a := keep_a || last_i;
+            keep_a := keep_a || big_last;
         END IF;
     END LOOP;
 
@@ -531,46 +521,41 @@ BEGIN
 END;
 $$;
 
--- For operators (`notifyd status`, /metrics): the committed events not yet taken in, and
--- the oldest one's age. Zero in trigger mode.
+-- The committed events not yet taken in (none in trigger mode): one definition for the
+-- operators' count and for the cheap "any left?". No SET clause, so that the planner
+-- inlines it into its caller (an EXISTS stops at the first row); its callers are notifyd's
+-- own sessions.
+CREATE FUNCTION notify.intake_waiting() RETURNS TABLE (id bigint, event_type text, created_at timestamptz)
+LANGUAGE sql STABLE AS $$
+    WITH st AS (SELECT * FROM notify.intake_steps ORDER BY step DESC LIMIT 1)
+    SELECT e.id, e.event_type, e.created_at FROM notify.events AS e, st
+    WHERE (SELECT i.mode FROM notify.intake AS i) = 'intake'
+      AND (e.txid >= pg_catalog.pg_snapshot_xmax(st.taken_to)
+           OR e.txid = ANY (ARRAY(SELECT pg_catalog.pg_snapshot_xip(st.taken_to))))
+      AND NOT (st.target IS NOT NULL AND pg_catalog.pg_visible_in_snapshot(e.txid, st.target)
+               AND (e.txid, e.id) <= (st.pos_txid, st.pos_id))
+    UNION ALL
+    SELECT e.id, e.event_type, e.created_at FROM notify.events AS e, st,
+           unnest(st.big_txids, st.big_after) AS b (txid, after_id)
+    WHERE (SELECT i.mode FROM notify.intake AS i) = 'intake'
+      AND e.txid = b.txid AND e.id > b.after_id
+$$;
+
+-- For operators (`notifyd status`, /metrics): how the queue is fed, how many committed
+-- events wait to be taken in, and the oldest one's creation.
 CREATE FUNCTION notify.intake_backlog(OUT mode text, OUT waiting bigint, OUT oldest timestamptz)
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
-    WITH st AS (SELECT * FROM notify.intake_steps ORDER BY step DESC LIMIT 1),
-    w AS (
-        SELECT e.created_at FROM notify.events AS e, st
-        WHERE (e.txid >= pg_snapshot_xmax(st.taken_to)
-               OR e.txid = ANY (ARRAY(SELECT pg_snapshot_xip(st.taken_to))))
-          AND NOT (st.target IS NOT NULL AND pg_visible_in_snapshot(e.txid, st.target)
-                   AND (e.txid, e.id) <= (st.pos_txid, st.pos_id))
-        UNION ALL
-        SELECT e.created_at FROM notify.events AS e, st,
-               unnest(st.big_txids, st.big_after) AS b (txid, after_id)
-        WHERE e.txid = b.txid AND e.id > b.after_id
-    )
-    SELECT i.mode,
-           CASE WHEN i.mode = 'intake' THEN (SELECT count(*) FROM w) ELSE 0 END,
-           CASE WHEN i.mode = 'intake' THEN (SELECT min(w.created_at) FROM w) END
-    FROM notify.intake AS i
+    SELECT (SELECT i.mode FROM notify.intake AS i), count(*), min(w.created_at)
+    FROM notify.intake_waiting() AS w
 $$;
 
 -- Whether any committed event (of a type with at most `max_priority`, if given) waits to be
 -- taken in: an EXISTS, cheap enough to poll (benchmarks wait on it for a drain).
 CREATE FUNCTION notify.intake_has_waiting(max_priority integer DEFAULT NULL) RETURNS boolean
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
-    WITH st AS (SELECT * FROM notify.intake_steps ORDER BY step DESC LIMIT 1)
-    SELECT (SELECT i.mode FROM notify.intake AS i) = 'intake' AND (
-        EXISTS (
-            SELECT 1 FROM notify.events AS e, st
-            WHERE (e.txid >= pg_snapshot_xmax(st.taken_to)
-                   OR e.txid = ANY (ARRAY(SELECT pg_snapshot_xip(st.taken_to))))
-              AND NOT (st.target IS NOT NULL AND pg_visible_in_snapshot(e.txid, st.target)
-                       AND (e.txid, e.id) <= (st.pos_txid, st.pos_id))
-              AND (max_priority IS NULL OR COALESCE((SELECT t.priority FROM notify.event_types AS t
-                                                     WHERE t.name = e.event_type), 0) <= max_priority))
-        OR EXISTS (
-            SELECT 1 FROM notify.events AS e, st,
-                   unnest(st.big_txids, st.big_after) AS b (txid, after_id)
-            WHERE e.txid = b.txid AND e.id > b.after_id
-              AND (max_priority IS NULL OR COALESCE((SELECT t.priority FROM notify.event_types AS t
-                                                     WHERE t.name = e.event_type), 0) <= max_priority)))
+    SELECT EXISTS (
+        SELECT 1 FROM notify.intake_waiting() AS w
+        WHERE max_priority IS NULL
+           OR COALESCE((SELECT t.priority FROM notify.event_types AS t
+                        WHERE t.name = w.event_type), 0) <= max_priority)
 $$;

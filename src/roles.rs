@@ -87,7 +87,7 @@ const WORKER: &[&str] = &[
     // The intake (migration 20261208000001, `claim::intake`).
     "GRANT SELECT ON notify.intake TO {}",
     "GRANT SELECT, INSERT, DELETE ON notify.intake_steps TO {}",
-    "GRANT EXECUTE ON FUNCTION notify.take_in(integer, integer), notify.take_in_step(integer, integer), notify.intake_backlog(), notify.intake_has_waiting(integer) TO {}",
+    "GRANT EXECUTE ON FUNCTION notify.take_in(integer, integer), notify.take_in_step(integer, integer), notify.intake_waiting(), notify.intake_backlog(), notify.intake_has_waiting(integer) TO {}",
     "GRANT SELECT, INSERT, DELETE, UPDATE (read_at) ON notify.notifications TO {}",
     "GRANT SELECT, INSERT, UPDATE, DELETE ON notify.rate_windows TO {}",
     "GRANT SELECT, INSERT, UPDATE, DELETE ON notify.digest_pending TO {}",

@@ -93,7 +93,22 @@ async fn insert_until(url: String, client: u32, stop: Arc<AtomicBool>) -> Vec<i6
     committed
 }
 
-/// Take in until `stop`, then once more until nothing is left.
+/// `rows` system_alert events for users `{prefix}1..`, in one transaction (a broadcast).
+async fn broadcast(pool: &PgPool, prefix: &str, rows: i64) {
+    sqlx::query(
+        "INSERT INTO notify.events (user_id, event_type, body)
+         SELECT $2 || g, 'system_alert', 'broadcast' FROM generate_series(1, $1) AS g",
+    )
+    .bind(rows)
+    .bind(prefix)
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
+/// Take in until `stop`, as a worker does beside the inserts; the rows taken in. (The
+/// sleeps in these tests pace the load that runs beside the inserts; no assertion waits
+/// on one: the tests end with `take_in_all`, which takes in until nothing waits.)
 async fn take_in_until(pool: PgPool, stop: Arc<AtomicBool>) -> u64 {
     let mut rows = 0;
     while !stop.load(Ordering::Relaxed) {
@@ -142,6 +157,7 @@ async fn every_committed_event_is_queued_exactly_once() {
             rotated
         })
     };
+    // Let the inserts, intakes and rotations interleave for a while.
     tokio::time::sleep(Duration::from_secs(3)).await;
     stop.store(true, Ordering::Relaxed);
     let mut committed = BTreeSet::new();
@@ -237,14 +253,7 @@ async fn a_big_transaction_is_taken_in_chunks_after_the_small_ones() {
     let db = TestDb::new().await;
     switch(&db.pool, "intake").await;
     let big = 3 * intake::CHUNK as i64 + intake::MAX_ROWS as i64;
-    sqlx::query(
-        "INSERT INTO notify.events (user_id, event_type, body)
-         SELECT 'u' || g, 'system_alert', 'broadcast' FROM generate_series(1, $1) AS g",
-    )
-    .bind(big)
-    .execute(&db.pool)
-    .await
-    .unwrap();
+    broadcast(&db.pool, "u", big).await;
     let first = intake::take_in(&db.pool).await.unwrap();
     assert_eq!(first.rows, intake::MAX_ROWS as u64);
     assert!(first.more);
@@ -403,15 +412,7 @@ async fn several_big_transactions_at_once_are_each_taken_in_whole() {
         (3, "small"),
         (big / 2 + 100, "c"),
     ] {
-        sqlx::query(
-            "INSERT INTO notify.events (user_id, event_type, body)
-             SELECT $2 || g, 'system_alert', 'broadcast' FROM generate_series(1, $1) AS g",
-        )
-        .bind(rows)
-        .bind(user)
-        .execute(&db.pool)
-        .await
-        .unwrap();
+        broadcast(&db.pool, user, rows).await;
     }
     intake::take_in_all(&db.pool).await.unwrap();
     let (rows, ids) = queued(&db.pool).await;
